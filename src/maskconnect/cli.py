@@ -1,0 +1,105 @@
+"""The ``maskconnect`` command line. Every subcommand is a thin layer over the package.
+
+Bad input exits with code 2 and a one-line message naming the field, the value and what is allowed.
+Subcommands import their heavy dependencies (torch, mlflow, pandas) lazily, so ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import MaskConnectError
+
+DESCRIBE_DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic")
+
+
+def _add_spec_arguments(p: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
+    p.add_argument("--dataset", required=dataset_required, help="dataset: " + ", ".join(DESCRIBE_DATASETS))
+    p.add_argument("--arch", required=True, help="model {D,w,C} as 'D,w,C', e.g. 29,8,8 or 50,4,32")
+    p.add_argument("--connectivity", default="full", help="full (ResNeXt), random (Fixed-Random) or learned (MaskConnect); default full")
+    p.add_argument("--fan-in", type=int, default=None, dest="fan_in", metavar="K",
+                   help="fan-in K (1..C) for random/learned; full uses K=C")
+    p.add_argument("--seed", type=int, default=0, help="seed (Fixed-Random masks, initial weights); default 0")
+    p.add_argument("--stage-width", type=int, default=None, dest="stage_width",
+                   help="output width of stage 1 (doubles per stage); default from the paper's spec (64 or 256)")
+
+
+def _spec_from_args(args):
+    from .specs import make_spec
+
+    return make_spec(args.arch, connectivity=args.connectivity, fan_in=args.fan_in, dataset=args.dataset,
+                     seed=args.seed, stage_width=args.stage_width)
+
+
+def _cmd_describe(args) -> int:
+    from .describe import describe
+
+    info = describe(_spec_from_args(args))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m = 1e6
+    print(f"{info['dataset']} {{{info['arch']}}} connectivity={info['connectivity']} K={info['fan_in']} seed={info['seed']}")
+    print(f"  stages          : {info['modules_per_stage']} modules, output widths {info['stage_widths']}")
+    print(f"  modules         : {info['modules']}, branches {info['branches_train']} (train) -> {info['branches_test']} (test)")
+    print(f"  branches/module : {info['branches_per_module']}")
+    print(f"  params train    : {info['params_train'] / m:.3f}M  ({info['params_train']:,})")
+    print(f"  params test     : {info['params_test'] / m:.3f}M  ({info['params_test']:,}) after pruning")
+    print(f"  mask entries    : {info['masks']:,} (not weights)")
+    print(f"  FLOPs/image     : {info['flops'] / 1e9:.3f}G train model, {info['flops_test'] / 1e9:.3f}G pruned (2 x MACs)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskconnect",
+        description="MaskConnect reproduction suite: masked ResNeXt models, training, reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"maskconnect {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("describe", help="parameters (before/after pruning), FLOPs, modules and branches of a model",
+                       description="Describe a model: parameters before ('train') and after ('test') pruning, "
+                                   "FLOPs per image (torch.utils.flop_counter, 2 x MACs), modules and branches. "
+                                   "Mask entries are counted separately from weights.")
+    _add_spec_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object (keys include params_train, params_test, flops)")
+    p.set_defaults(func=_cmd_describe)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Subcommands that live in their own modules (training, reports, tracking, benchmarks)."""
+    import importlib
+
+    for modname in ("maskconnect.train_cli", "maskconnect.report.cli", "maskconnect.track_cli", "maskconnect.bench_cli"):
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:  # a module not written yet, or an optional dependency missing
+            if e.name and (e.name == modname or modname.startswith(e.name + ".")):
+                continue
+            raise
+        mod.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MaskConnectError as e:
+        print(f"maskconnect {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"maskconnect {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

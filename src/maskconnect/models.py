@@ -1,0 +1,270 @@
+"""ResNeXt with fixed (``full``) or masked (``random``, ``learned``) branch connectivity.
+
+Fixed-Full is the usual grouped-convolution ResNeXt block, with torchvision's attribute names so a
+torchvision ``resnext50_32x4d`` state dict loads as is.
+
+The masked model keeps the C branch inputs of a module as one (N, C*width, H, W) tensor. Each branch's
+1x1 convs become grouped convs (groups=C), the 3x3 is ResNeXt's grouped conv, and the connections
+between modules are one batched matmul over the branch axis (design.md section 3):
+
+    x_j^(i+1) = ReLU( sum_k m_jk^(i+1) * ( F_k(x_k^(i)) + P(x_k^(i)) / K ) )
+    output    = ReLU( sum_k ( F_k(x_k^(L)) + P(x_k^(L)) / C ) )
+
+The identity path is averaged over the K selected branches (our reading of the paper: it makes K=C
+with all-ones masks exactly ResNeXt; a plain sum would scale the identity by K per module). The last BN
+of a branch is shared by the C branches of a module, so a masked model has exactly the weights of its
+ResNeXt baseline (masks aside).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .connectivity import FixedMasks, MaskBank
+from .specs import ModelSpec, validate
+
+STEM_WIDTH = 64
+
+
+def _bn(ch: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(ch)
+
+
+def _stem(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
+    if spec.layout == "imagenet":
+        conv = nn.Conv2d(spec.in_channels, STEM_WIDTH, 7, stride=2, padding=3, bias=False)
+        pool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+    else:  # CIFAR: a 3x3 conv with 64 filters, as ResNeXt-29
+        conv = nn.Conv2d(spec.in_channels, STEM_WIDTH, 3, stride=1, padding=1, bias=False)
+        pool = nn.Identity()
+    return conv, _bn(STEM_WIDTH), pool
+
+
+def _module_plan(spec: ModelSpec) -> list[list[tuple[int, int, int, int]]]:
+    """Per stage, per module: (in_width, out_width, branch_width, stride)."""
+    plan, in_w = [], STEM_WIDTH
+    for s, (n, out_w, bw) in enumerate(zip(spec.stages, spec.stage_widths(), spec.branch_widths())):
+        stage = []
+        for m in range(n):
+            stride = 2 if (s > 0 and m == 0) else 1
+            stage.append((in_w, out_w, bw, stride))
+            in_w = out_w
+        plan.append(stage)
+    return plan
+
+
+def _init_weights(model: nn.Module) -> None:
+    # torchvision's ResNet initialisation, so Fixed-Full matches torchvision's resnext at init.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class _StemMixin:
+    def _stem_forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+# --- Fixed-Full ----------------------------------------------------------------------------------
+
+class Bottleneck(nn.Module):
+    """ResNeXt block: y = ReLU(P(x) + BN(conv1x1(ReLU(BN(gconv3x3(ReLU(BN(conv1x1(x))))))))).
+
+    ``width`` is C * w (all branches), the 3x3 conv has ``groups = C``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, width: int, groups: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = _bn(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = _bn(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = _bn(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNeXt(_StemMixin, nn.Module):
+    """Fixed-Full ResNeXt (``connectivity='full'``)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        spec = validate(spec)
+        self.spec = spec
+        self.conv1, self.bn1, self.maxpool = _stem(spec)
+        self.relu = nn.ReLU(inplace=True)
+        for s, stage in enumerate(_module_plan(spec), start=1):
+            blocks = [Bottleneck(i, o, spec.cardinality * bw, spec.cardinality, st) for i, o, bw, st in stage]
+            setattr(self, f"layer{s}", nn.Sequential(*blocks))
+        self.num_stages = len(spec.stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(spec.stage_widths()[-1], spec.num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._stem_forward(x)
+        for s in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{s}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# --- Masked --------------------------------------------------------------------------------------
+
+class MaskedBlock(nn.Module):
+    """One module of ``n`` branches, vectorised: returns Y of shape (N, n, out, H, W) with
+    Y_k = F_k(x_k) + P(x_k) * identity_scale.
+
+    With ``shared_input`` (the first module, fed by the stem) every branch reads the same (N, in, H, W)
+    tensor and conv1 is a plain conv; otherwise the input is (N, n*in, H, W), branch k's slice being x_k,
+    and conv1 is grouped. Parameter shapes equal ResNeXt's except conv3, whose (out, n*bw) weight is
+    stored per branch as (n*out, bw).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, branch_width: int, branches: int, stride: int,
+                 shared_input: bool, identity_scale: float):
+        super().__init__()
+        n, bw = branches, branch_width
+        self.in_ch, self.out_ch, self.branches, self.branch_width = in_ch, out_ch, n, bw
+        self.shared_input, self.identity_scale = shared_input, float(identity_scale)
+        self.conv1 = nn.Conv2d(in_ch if shared_input else n * in_ch, n * bw, 1, groups=1 if shared_input else n, bias=False)
+        self.bn1 = _bn(n * bw)
+        self.conv2 = nn.Conv2d(n * bw, n * bw, 3, stride=stride, padding=1, groups=n, bias=False)
+        self.bn2 = _bn(n * bw)
+        self.conv3 = nn.Conv2d(n * bw, n * out_ch, 1, groups=n, bias=False)
+        self.bn3 = _bn(out_ch)  # shared by the n branches: applied to the (N*n, out, H, W) view
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, out_ch = self.branches, self.out_ch
+        batch = x.shape[0]
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = self.conv3(h)
+        hh, ww = h.shape[-2:]
+        h = self.bn3(h.reshape(batch * n, out_ch, hh, ww)).reshape(batch, n, out_ch, hh, ww)
+        if self.shared_input:
+            idt = x if self.downsample is None else self.downsample(x)
+            idt = idt.unsqueeze(1)  # broadcast over branches: P is computed once
+        else:
+            xb = x.reshape(batch * n, self.in_ch, x.shape[-2], x.shape[-1])
+            idt = xb if self.downsample is None else self.downsample(xb)
+            idt = idt.reshape(batch, n, out_ch, hh, ww)
+        return h + idt * self.identity_scale
+
+
+def mix(mask: Tensor, y: Tensor) -> Tensor:
+    """Connections between modules: out_j = ReLU(sum_k mask[j, k] * y_k).
+
+    ``mask`` (n_out, n_in), ``y`` (N, n_in, C, H, W) -> (N, n_out*C, H, W). One batched matmul; the
+    mask is cast to y's dtype (exact for 0/1, so bf16 autocast is safe).
+    """
+    batch, n_in, ch, hh, ww = y.shape
+    out = torch.matmul(mask.to(y.dtype), y.reshape(batch, n_in, ch * hh * ww))
+    return F.relu(out).reshape(batch, mask.shape[0] * ch, hh, ww)
+
+
+class MaskedResNeXt(_StemMixin, nn.Module):
+    """ResNeXt with masked branch connectivity (``random`` or ``learned``), or a pruned compact one.
+
+    ``branches`` gives the number of branches per module (default C everywhere; a pruned model has
+    fewer), ``masks`` a :class:`MaskBank` (default, from the spec) or :class:`FixedMasks` (pruned).
+    """
+
+    def __init__(self, spec: ModelSpec, branches: Sequence[int] | None = None, masks: nn.Module | None = None):
+        super().__init__()
+        spec = validate(spec)
+        if not spec.masked:
+            raise ValueError("MaskedResNeXt needs connectivity 'random' or 'learned'; use ResNeXt for 'full'")
+        self.spec = spec
+        c, k = spec.cardinality, spec.fan_in
+        num = spec.num_modules
+        self.branches = list(branches) if branches is not None else [c] * num
+        if len(self.branches) != num:
+            raise ValueError(f"branches must list {num} modules, got {len(self.branches)}")
+        self.conv1, self.bn1, self.maxpool = _stem(spec)
+        self.relu = nn.ReLU(inplace=True)
+        idx = 0
+        for s, stage in enumerate(_module_plan(spec), start=1):
+            blocks = []
+            for i, o, bw, st in stage:
+                last = idx == num - 1
+                # identity share: 1/K into a masked connection, 1/C into the output node
+                blocks.append(MaskedBlock(i, o, bw, self.branches[idx], st, shared_input=idx == 0,
+                                          identity_scale=1.0 / (c if last else k)))
+                idx += 1
+            setattr(self, f"layer{s}", nn.ModuleList(blocks))
+        self.num_stages = len(spec.stages)
+        self.masks = masks if masks is not None else MaskBank(num - 1, c, k, spec.connectivity, seed=spec.seed, init=spec.mask_init)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(spec.stage_widths()[-1], spec.num_classes)
+        _init_weights(self)
+
+    def blocks(self) -> list[MaskedBlock]:
+        return [b for s in range(1, self.num_stages + 1) for b in getattr(self, f"layer{s}")]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._stem_forward(x)
+        masks = self.masks()  # one draw per forward pass (= per training iteration)
+        blocks = self.blocks()
+        last = len(blocks) - 1
+        for i, block in enumerate(blocks):
+            y = block(x)
+            x = mix(masks[i], y) if i < last else F.relu(y.sum(1))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The model for a spec: :class:`ResNeXt` for ``full``, :class:`MaskedResNeXt` otherwise."""
+    spec = validate(spec)
+    return ResNeXt(spec) if spec.connectivity == "full" else MaskedResNeXt(spec)
+
+
+# --- weight mapping ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def load_full_weights(masked: MaskedResNeXt, full_state: dict[str, Tensor]) -> MaskedResNeXt:
+    """Load a Fixed-Full (ResNeXt / torchvision) state dict into an unpruned masked model.
+
+    conv3's (out, C*w) weight is re-laid out per branch as (C*out, w); the shared last BN takes the
+    same gamma and running variance, and beta / C and running mean / C, because the C branch outputs
+    are summed after it. With all-ones masks (K = C) the masked model then computes the same function
+    in eval mode. Masks are left untouched.
+    """
+    if any(b != masked.spec.cardinality for b in masked.branches):
+        raise ValueError("load_full_weights needs an unpruned masked model")
+    c = masked.spec.cardinality
+    state = {}
+    own = masked.state_dict()
+    for name, value in full_state.items():
+        if name not in own:
+            raise KeyError(f"unexpected key in Fixed-Full state dict: {name}")
+        if name.endswith("conv3.weight"):
+            out_ch, cw = value.shape[:2]
+            value = value.reshape(out_ch, c, cw // c).permute(1, 0, 2).reshape(c * out_ch, cw // c, 1, 1)
+        elif ".bn3." in name and (name.endswith("bias") or name.endswith("running_mean")):
+            value = value / c
+        state[name] = value
+    missing = [k for k in own if k not in state and not k.startswith("masks.")]
+    if missing:
+        raise KeyError(f"Fixed-Full state dict lacks {missing[:5]}")
+    masked.load_state_dict(state, strict=False)
+    return masked
