@@ -75,16 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional(sub) -> None:
-    """Subcommands that live in their own modules (training, reports, tracking, benchmarks)."""
-    import importlib
+    """Subcommands that live in their own modules (each imports its heavy dependencies lazily)."""
+    from . import train_cli, track_cli
+    from .report import add_report_arguments, run_report
 
-    for modname in ("maskconnect.train_cli", "maskconnect.report.cli", "maskconnect.track_cli", "maskconnect.bench_cli"):
+    train_cli.register(sub)
+    track_cli.register(sub)
+    p = sub.add_parser("report", help="tables, figures and the claims report from a results folder",
+                       description="Build the paper's tables (LaTeX, Markdown, CSV), figures and REPORT.md from "
+                                   "run directories (metrics.json is the source of truth).")
+    add_report_arguments(p)
+    p.set_defaults(func=run_report)
+    for optional in ("maskconnect.grid", "maskconnect.bench_cli"):
+        import importlib
+
         try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:  # a module not written yet, or an optional dependency missing
-            if e.name and (e.name == modname or modname.startswith(e.name + ".")):
-                continue
-            raise
+            mod = importlib.import_module(optional)
+        except ModuleNotFoundError as e:
+            if e.name != optional:
+                raise
+            continue
         mod.register(sub)
 
 

@@ -217,6 +217,13 @@ class MaskedResNeXt(_StemMixin, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(spec.stage_widths()[-1], spec.num_classes)
         _init_weights(self)
+        # Initial scale: each branch's last BN makes F_k unit-variance, and the next module sums K of
+        # them (the output node sums C), where ResNeXt's BN after the sum gives unit variance. gamma =
+        # 1/sqrt(fan) makes the summed residual unit-variance at init, as in ResNeXt; without it the
+        # masked model diverges at the paper's LR 0.1 (our choice: the paper gives no initialisation).
+        for i, block in enumerate(self.blocks()):
+            fan = c if i == num - 1 else k
+            nn.init.constant_(block.bn3.weight, fan ** -0.5)
 
     def blocks(self) -> list[MaskedBlock]:
         return [b for s in range(1, self.num_stages + 1) for b in getattr(self, f"layer{s}")]

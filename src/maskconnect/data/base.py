@@ -107,6 +107,13 @@ class DataBundle:
         self.device = torch.device(device)
         self.seed = int(seed)
         self.augment = bool(augment)
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> "DataBundle":
+        """Data-parallel training: each training batch is the global batch's ``rank::world`` slice
+        (the order and augmentation of the global batch are unchanged). Test batches are not sharded."""
+        self.rank, self.world = int(rank), int(world)
+        return self
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         raise NotImplementedError

@@ -146,7 +146,7 @@ class ImageFolderBundle(DataBundle):
             keys = list(zip(perm, seeds))
         else:
             keys = perm
-        batches = [keys[a:b] for a, b in self._train_bounds()[start_step:]]
+        batches = [keys[a:b][self.rank::self.world] for a, b in self._train_bounds()[start_step:]]
         return self._loader(self.train_set, batches, epoch_seed(self.seed, epoch, stream=1))
 
     def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:

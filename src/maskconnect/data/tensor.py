@@ -98,8 +98,9 @@ class TensorDataBundle(DataBundle):
         draws = {k: (None if v is None else v.to(self.device)) for k, v in self.epoch_draws(epoch).items()}
         perm = draws["perm"]
         for a, b in self._train_bounds()[start_step:]:
-            idx = perm[a:b]
-            sl = lambda t: None if t is None else t[a:b]  # noqa: E731
+            r, w = self.rank, self.world
+            idx = perm[a:b][r::w]
+            sl = lambda t: None if t is None else t[a:b][r::w]  # noqa: E731
             x = crop_flip(self.x_train, idx, sl(draws["dy"]), sl(draws["dx"]), sl(draws["flip"]), self.pad)
             yield self._normalise(x), self.y_train[idx]
 

@@ -1,0 +1,92 @@
+"""Build the whole report: tables, figures, summary CSVs and REPORT.md (see the package docstring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import ConfigError
+from ..io import atomic_write_text
+from . import claims, figures, tables
+from .runs import missing_runs, scan_runs
+
+
+def _slug(*parts) -> str:
+    return "_".join(str(p).replace(",", "-").replace("/", "-") for p in parts)
+
+
+def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tuple[str, str]]:
+    """Every figure for the runs of one grid: (caption, PNG path relative to out_dir)."""
+    made = []
+
+    def draw(caption, fn, *a, **kw):
+        # A malformed history.csv or masks.json of one run must not stop the report.
+        try:
+            paths = fn(*a, **kw)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            problems.append(f"{caption}: {type(e).__name__}: {e}")
+            return
+        if paths:
+            made.append((caption, paths[0].relative_to(out_dir).as_posix()))
+
+    for (ds, arch), g in runs.groupby(["dataset", "arch"], sort=False):
+        varied = g[g["connectivity"].isin(["learned", "random"])]
+        if len(varied) and (varied["fan_in"].nunique() >= 2 or (g["connectivity"] == "full").any()):
+            draw(f"Effect of fan-in K: {ds}, {{{arch}}}", figures.plot_fanin, runs, ds, arch,
+                 fig_dir / f"fanin_{_slug(ds, arch)}")
+        draw(f"Training curves: {ds}, {{{arch}}}", figures.plot_history, g,
+             fig_dir / f"curves_{_slug(ds, arch)}", title=f"{ds}, {{{arch}}}")
+        learned = g[g["connectivity"] == "learned"]
+        for k, gk in learned.groupby("fan_in"):
+            best = gk.sort_values(["top1", "seed"], ascending=[False, True])
+            with_masks = [r for r in best.itertuples() if (Path(r.path) / "masks.json").is_file()]
+            if not with_masks:
+                continue
+            r = with_masks[0]
+            caption = f"Learned connectivity: {ds}, {{{arch}}}, K={k}, seed {r.seed} (best of {len(gk)})"
+            draw(caption, figures.plot_masks, Path(r.path) / "masks.json",
+                 fig_dir / f"masks_{_slug(ds, arch, f'K{k}', f'seed{r.seed}')}", title=caption)
+    return made
+
+
+def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:
+    """See :func:`maskconnect.report.build_report`."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    if not results_dir.is_dir():
+        raise ConfigError("results", str(results_dir), "an existing folder holding run directories")
+    runs, skipped = scan_runs(results_dir, grid)
+    missing = missing_runs(runs, expected) if expected is not None else None
+    written: dict[str, Path] = {}
+
+    def put(path: Path):
+        written[path.relative_to(out_dir).as_posix()] = path
+
+    names = sorted(runs["grid"].unique()) or [grid or ""]
+    multi = len(names) > 1
+    sections, problems, summaries = {}, [], []
+    for name in names:
+        sub = runs[runs["grid"] == name] if len(runs) else runs
+        sub_dir = Path(*name.split("/")) if multi and name else Path()
+        summary = tables.summarize(sub)
+        summaries.append(summary.assign(grid=name))
+        made = []
+        for t in tables.build_tables(sub, missing if not multi else None, summary=summary):
+            paths = tables.write_table(t, out_dir / "tables" / sub_dir)
+            for p in paths.values():
+                put(p)
+            made.append((t, {ext: p.relative_to(out_dir).as_posix() for ext, p in paths.items()}))
+        figs = _figures(sub, out_dir / "figures" / sub_dir, out_dir, problems)
+        for _, png in figs:
+            for ext in ("png", "pdf"):
+                put(out_dir / Path(png).with_suffix(f".{ext}"))
+        sections[name] = {"runs": sub, "tables": made, "figures": figs}
+    summary = pd.concat(summaries, ignore_index=True).rename(columns={"arch": "model"})
+    summary = summary[["grid", *[c for c in summary.columns if c != "grid"]]]
+    put(atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False, float_format="%.6g")))
+    put(atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)))
+    text = claims.report_document(source=str(results_dir) + (f" (grid {grid})" if grid else ""),
+                                  n_runs=len(runs), grids=sections, skipped=skipped, missing=missing,
+                                  problems=problems)
+    put(atomic_write_text(out_dir / "REPORT.md", text))
+    return written

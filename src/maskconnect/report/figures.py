@@ -1,0 +1,221 @@
+"""Figures: effect of fan-in K (the paper's Fig. 3), a learned connectivity graph (Fig. 4), and
+training curves (test accuracy and mask entropy per epoch).
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects and rendered by the Agg (PNG) and PDF
+canvases directly, so nothing here touches pyplot's global backend or state; seaborn supplies the
+style. Each figure is written as PNG and PDF with atomic writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from ..io import atomic_write_bytes
+from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_stats
+from .stats import t_interval
+
+LIVE, DEAD = "#1f5fa8", "#c8c8c8"
+PALETTE = {"full": "#4d4d4d", "random": "#d95f02", "learned": "#1b9e77"}
+
+
+def _style():
+    return sns.axes_style("whitegrid")
+
+
+def save_figure(fig: Figure, out_base) -> list[Path]:
+    """<out_base>.png (150 dpi) and <out_base>.pdf; PDF without a creation date, so reruns on the
+    same data give the same bytes."""
+    out_base = Path(out_base)
+    paths = []
+    for ext, kw in (("png", {"dpi": 150}), ("pdf", {"metadata": {"CreationDate": None}})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
+        paths.append(atomic_write_bytes(out_base.with_name(out_base.name + f".{ext}"), buf.getvalue()))
+    return paths
+
+
+def _stats_by_k(g: pd.DataFrame, metric: str) -> pd.DataFrame:
+    rows = []
+    for k, gk in g.groupby("fan_in"):
+        vals = gk[metric].dropna()
+        if len(vals):
+            iv = t_interval(vals)
+            rows.append({"K": int(k), "mean": iv.mean, "half": iv.half_width or 0.0, "n": iv.n})
+    return pd.DataFrame(rows, columns=["K", "mean", "half", "n"])
+
+
+# ---- (a) effect of fan-in K -------------------------------------------------------------------------
+
+def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: str = "top1") -> list[Path]:
+    """Accuracy vs fan-in K for Learned (and Fixed-Random) runs of one model: mean with 95% t-interval
+    error bars (none for n=1), every seed as a dot, Fixed-Full as a horizontal line with its band, and
+    the paper's values (Fig. 3, or its tables) as crosses and a dotted line."""
+    g = runs[(runs["dataset"] == dataset) & (runs["arch"] == model)]
+    parts = model_parts(model)
+    C = parts[2] if parts else int(g["fan_in"].max())
+    with _style():
+        fig = Figure(figsize=(5.5, 3.6))
+        ax = fig.add_subplot()
+        for conn in ("learned", "random"):
+            gc = g[g["connectivity"] == conn]
+            if gc.empty:
+                continue
+            st = _stats_by_k(gc, metric)
+            ax.errorbar(st["K"], st["mean"], yerr=st["half"], fmt="o-", color=PALETTE[conn], capsize=3,
+                        label=f"{CONNECTIVITY_NAMES[conn]} (ours, mean ± 95% CI)")
+            jitter = (np.arange(len(gc)) % 5 - 2) * 0.04
+            sns.scatterplot(x=gc["fan_in"].to_numpy() + jitter, y=gc[metric].to_numpy(), ax=ax,
+                            color=PALETTE[conn], alpha=0.35, s=14, legend=False)
+        full = g[g["connectivity"] == "full"][metric].dropna()
+        if len(full):
+            iv = t_interval(full)
+            ax.axhline(iv.mean, color=PALETTE["full"], lw=1.2,
+                       label=f"Fixed-Full K={C} (ours{', n=1' if iv.n == 1 else ', 95% CI band'})")
+            if iv.half_width:
+                ax.axhspan(iv.low, iv.high, color=PALETTE["full"], alpha=0.12, lw=0)
+        ks = range(1, C + 1)
+        paper = [(k, paper_stats(dataset, model, "learned", k, metric)) for k in ks]
+        paper = [(k, p.center) for k, p in paper if p is not None and p.center is not None]
+        if paper:
+            ax.plot(*zip(*paper), "x--", color=PALETTE["learned"], alpha=0.6, ms=7, lw=0.8,
+                    label="Learned (paper)")
+        pfull = paper_stats(dataset, model, "full", C, metric)
+        if pfull is not None and pfull.center is not None:
+            ax.axhline(pfull.center, color=PALETTE["full"], ls=":", lw=1.2, label="Fixed-Full (paper)")
+        ax.set_xticks(list(ks))
+        ax.set_xlim(0.5, C + 0.5)
+        ax.set_xlabel("fan-in K")
+        ax.set_ylabel(f"test {metric} accuracy (%)")
+        ax.set_title(f"{dataset}, ResNeXt {model_label(model)}: effect of fan-in K", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+        return save_figure(fig, out_base)
+
+
+# ---- (b) learned connectivity (Fig. 4) --------------------------------------------------------------
+
+def live_branches(masks: list) -> list[list[bool]]:
+    """Branches that survive pruning, from the output backwards: the last module's branches all
+    live; a branch lives if a live branch of the next module selects it (design.md section 5)."""
+    masks = [np.asarray(m, dtype=bool) for m in masks]
+    C = masks[0].shape[1] if masks else 0
+    live = [np.ones(C, dtype=bool)]
+    for m in reversed(masks):  # m: rows = branches of module i+1, columns = branches of module i
+        live.insert(0, m[live[0]].any(axis=0))
+    return [lv.tolist() for lv in live]
+
+
+def load_masks(path) -> dict:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "live" not in data or data["live"] is None:
+        data["live"] = live_branches(data["masks"])
+    return data
+
+
+def plot_masks(masks, out_base, title: str | None = None) -> list[Path]:
+    """Draw the frozen connectivity like the paper's Fig. 4: one row per module (module 1 at the top),
+    one node per branch, an edge for each selected connection (mask = 1) between consecutive modules.
+    Pruned branches (not live) and the edges into them are grey. ``masks`` is a masks.json path or
+    its parsed content."""
+    data = load_masks(masks) if isinstance(masks, (str, Path)) else dict(masks)
+    if data.get("live") is None:
+        data["live"] = live_branches(data["masks"])
+    mlist = [np.asarray(m, dtype=int) for m in data["masks"]]
+    live = [np.asarray(lv, dtype=bool) for lv in data["live"]]
+    L = len(live)
+    C = int(data.get("cardinality") or live[0].size)
+    with _style():
+        fig = Figure(figsize=(min(14, 1.5 + 0.55 * C), min(18, 1.4 + 0.55 * (L + 1))))
+        ax = fig.add_subplot()
+        xs = np.arange(C) - (C - 1) / 2
+
+        def y(i):  # module i (0-based) at height -i; the stem sits at +1, the output at -L
+            return -float(i)
+
+        for k in range(C):  # stem -> module 1
+            ax.plot([0, xs[k]], [1, y(0)], color=LIVE, lw=0.4, alpha=0.3, zorder=1)
+            ax.plot([xs[k], 0], [y(L - 1), y(L)], color=LIVE, lw=0.4, alpha=0.3, zorder=1)
+        for i, m in enumerate(mlist):  # mask of module i+2: row j = branch of module i+2, col k of i+1
+            for j, k in zip(*np.nonzero(m)):
+                on = live[i + 1][j]
+                ax.plot([xs[k], xs[j]], [y(i), y(i + 1)], color=LIVE if on else DEAD,
+                        lw=1.0 if on else 0.7, ls="-" if on else "--", zorder=2 if on else 1)
+        for i in range(L):
+            ax.scatter(xs, np.full(C, y(i)), s=70, c=[LIVE if a else DEAD for a in live[i]],
+                       edgecolors="white", linewidths=0.8, zorder=3)
+            ax.text(xs[0] - 0.8, y(i), f"module {i + 1}", ha="right", va="center", fontsize=7)
+        for yy, name in ((1, "stem"), (y(L), "output")):
+            ax.scatter([0], [yy], s=90, marker="s", c="#333333", zorder=3)
+            ax.text(0.4, yy, name, va="center", fontsize=7)
+        n_live = int(sum(lv.sum() for lv in live))
+        ax.set_title((title + "\n" if title else f"K={data.get('fan_in')}: ")
+                     + f"{n_live}/{L * C} branches live (grey: pruned)", fontsize=9)
+        ax.set_xlim(xs[0] - 3.2, xs[-1] + 1.2)
+        ax.set_axis_off()
+        return save_figure(fig, out_base)
+
+
+# ---- (c) training curves ----------------------------------------------------------------------------
+
+def _histories(runs: pd.DataFrame) -> pd.DataFrame:
+    frames = []
+    for r in runs.itertuples():
+        p = Path(r.path) / "history.csv"
+        if not p.is_file():
+            continue
+        try:
+            h = pd.read_csv(p)
+        except (OSError, ValueError, pd.errors.EmptyDataError):
+            continue
+        if h.empty or "epoch" not in h:
+            continue
+        h = h.assign(config=f"{CONNECTIVITY_NAMES.get(r.connectivity, r.connectivity)} K={r.fan_in}",
+                     connectivity=r.connectivity, seed=r.seed)
+        frames.append(h)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_history(runs: pd.DataFrame, out_base, title: str = "") -> list[Path]:
+    """Test top-1 accuracy (top panel) and mean mask entropy (bottom panel, Learned runs) per epoch,
+    one line per run, coloured by configuration; a dotted line marks where masks were frozen (first
+    fine-tuning epoch). Returns [] when no run has a readable history.csv."""
+    h = _histories(runs)
+    if h.empty:
+        return []
+    for col in ("test_top1", "mask_entropy"):
+        h[col] = pd.to_numeric(h.get(col), errors="coerce")
+    with _style():
+        fig = Figure(figsize=(6.5, 5.2))
+        ax1, ax2 = fig.subplots(2, 1, sharex=True)
+        order = list(dict.fromkeys(h.sort_values(["connectivity", "config"])["config"]))
+        palette = dict(zip(order, sns.color_palette("tab10", len(order))))
+        sns.lineplot(data=h, x="epoch", y="test_top1", hue="config", units="seed", estimator=None,
+                     hue_order=order, palette=palette, lw=0.9, ax=ax1)
+        ax1.set_ylabel("test top-1 (%)")
+        ent = h.dropna(subset=["mask_entropy"])
+        if len(ent):
+            sns.lineplot(data=ent, x="epoch", y="mask_entropy", hue="config", units="seed", estimator=None,
+                         hue_order=[c for c in order if c in set(ent["config"])], palette=palette, lw=0.9,
+                         ax=ax2, legend=False)
+        else:
+            ax2.text(0.5, 0.5, "no learned masks in these runs", ha="center", va="center",
+                     transform=ax2.transAxes, fontsize=8)
+        ax2.set_ylabel("mask entropy (nats)")
+        ax2.set_xlabel("epoch")
+        if "phase" in h:
+            frozen = h[h["phase"] == "finetune"].groupby(["config", "seed"])["epoch"].min()
+            if len(frozen):
+                for ax in (ax1, ax2):
+                    ax.axvline(float(frozen.median()) - 0.5, color="#555555", ls=":", lw=1)
+                ax2.text(float(frozen.median()), ax2.get_ylim()[1], " masks frozen", va="top", fontsize=7)
+        if ax1.get_legend() is not None:
+            ax1.legend(fontsize=7, title=None)
+        if title:
+            ax1.set_title(title, fontsize=10)
+        return save_figure(fig, out_base)

@@ -1,0 +1,182 @@
+"""Collect finished training runs from a results folder (see docs/run_format.md).
+
+A run is complete when its directory holds ``metrics.json`` with ``"status": "complete"``; that file
+is the only source the report reads for numbers (history.csv and masks.json feed the figures).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+from .paper import model_parts, normalize_model
+
+# Columns of the runs table, in order. Accuracies in %, parameters and FLOPs as counts.
+RUN_COLUMNS = [
+    "grid", "dataset", "arch", "depth", "width", "cardinality", "connectivity", "fan_in", "seed",
+    "top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test", "masks",
+    "flops", "epochs", "wall_time_s", "device", "run_id", "path",
+]
+KEY = ["dataset", "arch", "connectivity", "fan_in", "seed"]
+# A run id has four parts, dataset/arch/connectivity-K/seedN (maskconnect.grid.run_id); whatever
+# lies above them under the scanned folder is the grid's name.
+RUN_ID_PARTS = 4
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A directory that looks like a run but is not counted, and why."""
+
+    path: str
+    reason: str
+
+
+def _root(results_dir: Path, grid: str | None) -> Path:
+    base = results_dir / "runs" if (results_dir / "runs").is_dir() else results_dir
+    if grid is None:
+        return base
+    for cand in (base / grid, results_dir / grid):
+        if cand.is_dir():
+            return cand
+    return base / grid  # may not exist yet: a grid with no finished run
+
+
+def _row(metrics: Mapping, run_dir: Path, root: Path, grid: str | None) -> dict:
+    arch = metrics.get("arch")
+    if arch is None and all(metrics.get(k) is not None for k in ("depth", "width", "cardinality")):
+        arch = f"{metrics['depth']},{metrics['width']},{metrics['cardinality']}"
+    if arch is None:
+        raise KeyError("arch")
+    arch = normalize_model(arch)
+    parts = model_parts(arch)
+    depth, width, card = parts if parts else (metrics.get("depth"), metrics.get("width"),
+                                              metrics.get("cardinality"))
+    conn = str(metrics["connectivity"])
+    fan_in = metrics.get("fan_in")
+    if fan_in is None and conn == "full":
+        fan_in = card  # the fan-in of a Fixed-Full run is C
+    rel = run_dir.relative_to(root)
+    if grid is None:
+        grid = "/".join(rel.parts[:-RUN_ID_PARTS]) if len(rel.parts) > RUN_ID_PARTS else ""
+    row = {k: metrics.get(k) for k in RUN_COLUMNS}
+    row.update(grid=grid, dataset=str(metrics["dataset"]), arch=arch, depth=depth, width=width,
+               cardinality=card, connectivity=conn, fan_in=int(fan_in), seed=int(metrics["seed"]),
+               top1=float(metrics["top1"]), run_id=rel.as_posix(), path=str(run_dir))
+    return row
+
+
+def scan_runs(results_dir, grid: str | None = None) -> tuple[pd.DataFrame, list[Skipped]]:
+    """All complete runs under ``results_dir`` (recursively), and the run directories left out.
+
+    ``results_dir`` may be the results folder (holding ``runs/<grid>/...``), a grid's folder, or any
+    folder with run directories below it. With ``grid``, only ``runs/<grid>`` is scanned. The
+    ``grid`` column is the part of a run's path above its four-part run id ("" if none).
+    Runs left out: unreadable or incomplete metrics.json, directories with a config or history but
+    no metrics.json (in progress or crashed), and a second copy of the same run in one grid.
+    """
+    results_dir = Path(results_dir)
+    root = _root(results_dir, grid)
+    rows, skipped = [], []
+    if not root.is_dir():
+        return pd.DataFrame(columns=RUN_COLUMNS), skipped
+    for mpath in sorted(root.rglob("metrics.json")):
+        try:
+            metrics = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            skipped.append(Skipped(str(mpath.parent), f"unreadable metrics.json: {e}"))
+            continue
+        if not isinstance(metrics, dict) or metrics.get("status") != "complete":
+            status = metrics.get("status") if isinstance(metrics, dict) else None
+            skipped.append(Skipped(str(mpath.parent), f"status is {status!r}, not 'complete'"))
+            continue
+        try:
+            rows.append(_row(metrics, mpath.parent, root, grid))
+        except (KeyError, TypeError, ValueError) as e:
+            skipped.append(Skipped(str(mpath.parent), f"metrics.json lacks a usable field: {e}"))
+    done = {Path(r["path"]) for r in rows} | {Path(s.path) for s in skipped}
+    for marker in ("config.json", "history.csv"):
+        for p in sorted(root.rglob(marker)):
+            if p.parent not in done:
+                done.add(p.parent)
+                skipped.append(Skipped(str(p.parent), "no metrics.json: in progress or stopped"))
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    dup = df.duplicated(subset=["grid", *KEY], keep="first")
+    for path in df.loc[dup, "path"]:
+        skipped.append(Skipped(path, "same grid, dataset, arch, connectivity, K and seed as another run"))
+    df = df[~dup].reset_index(drop=True)
+    for col in ("top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test",
+                "masks", "flops", "epochs", "wall_time_s"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    for col in ("fan_in", "seed"):
+        df[col] = df[col].astype(int)
+    return df, skipped
+
+
+def collect_runs(results_dir, grid: str | None = None) -> pd.DataFrame:
+    """One row per complete run (columns RUN_COLUMNS); see :func:`scan_runs`."""
+    return scan_runs(results_dir, grid)[0]
+
+
+# ---- expected runs (a grid's target list) -----------------------------------------------------------
+
+_CONN_RE = re.compile(r"^(full|random|learned)(?:-K(\d+))?$")
+
+
+def parse_run_id(run_id: str) -> dict:
+    """"cifar100/29-8-8/learned-K4/seed0" -> {dataset, arch, connectivity, fan_in, seed}.
+
+    Only the last four parts are read, so a path with the grid in front works too.
+    """
+    parts = str(run_id).strip("/").split("/")
+    if len(parts) < RUN_ID_PARTS:
+        raise ValueError(f"invalid run id {run_id!r}: expected dataset/D-w-C/connectivity-K<k>/seed<n>")
+    dataset, arch, conn, seed = parts[-RUN_ID_PARTS:]
+    m = _CONN_RE.match(conn)
+    s = re.fullmatch(r"seed(\d+)", seed)
+    if not m or not s:
+        raise ValueError(f"invalid run id {run_id!r}: expected dataset/D-w-C/connectivity-K<k>/seed<n>")
+    arch = normalize_model(arch)
+    fan_in = m.group(2)
+    if fan_in is None:
+        parts3 = model_parts(arch)
+        if m.group(1) != "full" or parts3 is None:
+            raise ValueError(f"invalid run id {run_id!r}: connectivity {conn!r} needs -K<k>")
+        fan_in = parts3[2]
+    return {"dataset": dataset, "arch": arch, "connectivity": m.group(1), "fan_in": int(fan_in),
+            "seed": int(s.group(1))}
+
+
+def expected_keys(expected: Iterable) -> list[tuple]:
+    """Run keys (dataset, arch, connectivity, fan_in, seed) from run ids or mappings with those keys."""
+    keys = []
+    for item in expected:
+        if isinstance(item, str):
+            d = parse_run_id(item)
+        elif isinstance(item, Mapping):
+            d = dict(item)
+            d["arch"] = normalize_model(d["arch"])
+            if d.get("fan_in") is None and d["connectivity"] == "full":
+                d["fan_in"] = model_parts(d["arch"])[2]
+        else:
+            d = dict(zip(KEY, item))
+            d["arch"] = normalize_model(d["arch"])
+        keys.append((str(d["dataset"]), d["arch"], str(d["connectivity"]), int(d["fan_in"]), int(d["seed"])))
+    return keys
+
+
+def missing_runs(runs: pd.DataFrame, expected: Iterable) -> pd.DataFrame:
+    """The expected runs (run ids or mappings) with no complete run; columns KEY."""
+    have = set(map(tuple, runs[KEY].itertuples(index=False, name=None))) if len(runs) else set()
+    miss = [k for k in dict.fromkeys(expected_keys(expected)) if k not in have]
+    return pd.DataFrame(miss, columns=KEY)
+
+
+def run_id_of(dataset: str, arch: str, connectivity: str, fan_in: int, seed: int) -> str:
+    """A run's id in the spelling of docs/run_format.md, used only in messages about missing runs.
+    (maskconnect.grid.run_id is the authority for paths; the report never builds paths from ids.)"""
+    return f"{dataset}/{normalize_model(arch).replace(',', '-')}/{connectivity}-K{fan_in}/seed{seed}"

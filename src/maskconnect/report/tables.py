@@ -1,0 +1,397 @@
+"""Result tables: ours (mean ± 95% t interval over seeds) beside the paper's "best (mean ± std)".
+
+One table per paper table or figure (CIFAR-100 Table 2, CIFAR-10 poster table, ImageNet Table 3,
+Fig. 3 K-sweep) and one generic table per dataset for runs no paper table covers (e.g. the ``digits``
+demo). Each is written three ways: booktabs LaTeX (a fragment to ``\\input``), Markdown and CSV.
+The CSV holds the numbers (empty where undefined); the LaTeX and Markdown hold formatted text in which
+an undefined quantity is a dash or "n=1", never "nan".
+
+Rows are configurations (dataset, model, connectivity, K); statistics are over seeds of the final
+test accuracy (``top1`` in metrics.json). "Best" is the best seed, as the paper's "best".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_write_text
+from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_configs, paper_stats
+from .runs import KEY, run_id_of
+from .stats import t_interval, welch
+
+GROUP = ["dataset", "arch", "connectivity", "fan_in"]
+CONN_ORDER = {"full": 0, "random": 1, "learned": 2}
+METRIC_NAMES = {"top1": "Top-1", "top5": "Top-5"}
+DASH = "—"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Which runs a table shows and which paper numbers sit beside them."""
+
+    name: str
+    title: str
+    dataset: str
+    source: str | None = None  # a `source` of reference_results.csv; None: no paper columns
+    metrics: tuple[str, ...] = ("top1",)
+    models: frozenset[str] | None = None  # None: the models of `source`, or all (generic table)
+
+    def model_set(self) -> frozenset[str] | None:
+        if self.models is not None or self.source is None:
+            return self.models
+        cfg = paper_configs(self.source)
+        return frozenset(cfg.loc[cfg["dataset"] == self.dataset, "model"])
+
+
+PAPER_TABLES = (
+    TableSpec("table2_cifar100", "CIFAR-100, ResNeXt (ECCV 2018 Table 2)", "cifar100", "eccv-table2"),
+    TableSpec("table_cifar10", "CIFAR-10, ResNeXt (arXiv:1709.09582 poster)", "cifar10", "v1-poster-cifar10"),
+    TableSpec("table3_imagenet", "ImageNet, single-crop validation (ECCV 2018 Table 3)", "imagenet",
+              "eccv-table3", metrics=("top1", "top5")),
+    TableSpec("fig3_ksweep_cifar100", "CIFAR-100, effect of fan-in K, ResNeXt {20,4,8} (ECCV 2018 Fig. 3)",
+              "cifar100", "eccv-fig3"),
+)
+
+
+@dataclass
+class Table:
+    """A table ready to write: numbers (``data``), formatted cells, which cells are bold, notes."""
+
+    spec: TableSpec
+    data: pd.DataFrame  # numeric, one row per configuration: the CSV
+    cells: pd.DataFrame  # formatted text (Markdown spelling), same rows
+    bold: pd.DataFrame  # bool, same shape as cells
+    blocks: list  # model of each row: a rule separates blocks in LaTeX
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- numbers ----------------------------------------------------------------------------------------
+
+def _sort_key(df: pd.DataFrame) -> pd.DataFrame:
+    parts = df["arch"].map(lambda a: model_parts(a) or (10**9, 0, 0))
+    return df.assign(_m=parts, _c=df["connectivity"].map(lambda c: CONN_ORDER.get(c, 9)))
+
+
+def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
+    """One row per configuration (dataset, arch, connectivity, fan_in) with seed statistics and,
+    for Learned rows, Welch tests vs Fixed-Full of the same model and Fixed-Random of the same model
+    and K. Undefined numbers are NaN here (empty in CSV); the reasons are in the *_reason columns."""
+    cols = [*GROUP, "n", "seeds", "epochs"]
+    for m in metrics:
+        cols += [f"{m}_mean", f"{m}_ci95", f"{m}_std", f"{m}_best", f"{m}_n"]
+    cols += ["params_train_M", "params_test_M", "diff_vs_full", "p_vs_full", "p_vs_full_reason",
+             "diff_vs_random", "p_vs_random", "p_vs_random_reason"]
+    if runs is None or len(runs) == 0:
+        return pd.DataFrame(columns=cols)
+    groups = {k: g for k, g in runs.groupby(GROUP, sort=False)}
+    rows = []
+    for (dataset, arch, conn, k), g in groups.items():
+        row = {"dataset": dataset, "arch": arch, "connectivity": conn, "fan_in": int(k), "n": len(g),
+               "seeds": ",".join(str(s) for s in sorted(g["seed"])),
+               "epochs": ",".join(str(int(e)) for e in sorted(g["epochs"].dropna().unique()))}
+        for m in metrics:
+            vals = g[m].dropna() if m in g else pd.Series(dtype=float)
+            if len(vals):
+                iv = t_interval(vals)
+                row.update({f"{m}_mean": iv.mean, f"{m}_ci95": iv.half_width, f"{m}_std": iv.std,
+                            f"{m}_best": iv.best, f"{m}_n": iv.n})
+            else:
+                row[f"{m}_n"] = 0
+        row["params_train_M"] = g["params_train"].mean() / 1e6
+        row["params_test_M"] = g["params_test"].mean() / 1e6
+        if conn == "learned":
+            parts = model_parts(arch)
+            refs = {"full": (dataset, arch, "full", parts[2] if parts else None),
+                    "random": (dataset, arch, "random", int(k))}
+            for name, ref in refs.items():
+                other = groups.get(ref)
+                if other is None:
+                    row[f"p_vs_{name}_reason"] = f"no {CONNECTIVITY_NAMES[name]} runs"
+                    continue
+                w = welch(g["top1"], other["top1"])
+                row.update({f"diff_vs_{name}": w.diff, f"p_vs_{name}": w.p, f"p_vs_{name}_reason": w.reason})
+        rows.append(row)
+    df = pd.DataFrame(rows).reindex(columns=cols)
+    df = _sort_key(df).sort_values(["dataset", "_m", "_c", "fan_in"]).drop(columns=["_m", "_c"])
+    for c in df.columns:
+        if c.endswith("_reason"):
+            df[c] = df[c].fillna("")
+    return df.reset_index(drop=True)
+
+
+def _add_paper(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+    """Paper columns for each row, from spec.source (NaN where the paper has no number)."""
+    df = df.copy()
+    for m in spec.metrics:
+        stats = [paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, m, spec.source)
+                 for r in df.itertuples()]
+        for s in ("best", "mean", "std", "value"):
+            df[f"paper_{m}_{s}"] = [getattr(p, s) if p else None for p in stats]
+            df[f"paper_{m}_{s}"] = df[f"paper_{m}_{s}"].astype(float)
+        center = [p.center if p else None for p in stats]
+        df[f"diff_{m}_vs_paper"] = df[f"{m}_mean"] - pd.Series(center, index=df.index, dtype=float)
+    for which in ("train", "test"):
+        vals = [paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, f"params_{which}", spec.source)
+                for r in df.itertuples()]
+        df[f"paper_params_{which}_M"] = pd.Series([v.value / 1e6 if v else None for v in vals],
+                                                  index=df.index, dtype=float)
+    return df
+
+
+# ---- formatting -------------------------------------------------------------------------------------
+
+def _ok(x) -> bool:
+    return x is not None and not pd.isna(x)
+
+
+def fmt_num(x, digits: int = 2, signed: bool = False) -> str:
+    if not _ok(x):
+        return DASH
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def fmt_params(x) -> str:
+    """Millions with three significant digits: 34.4, 0.843, 0.0123."""
+    return f"{x:.3g}" if _ok(x) else DASH
+
+
+def fmt_mean_ci(mean, half, n, digits: int = 2) -> str:
+    """ "75.10 ± 0.35", or "75.10 (n=1)" when one seed gives no interval."""
+    if not _ok(mean):
+        return DASH
+    if not _ok(half):
+        return f"{mean:.{digits}f} (n={int(n)})"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def fmt_p(p, reason: str = "") -> str:
+    if _ok(p):
+        return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if not reason:
+        return DASH
+    if reason.startswith("n<2"):
+        return "n<2"
+    if reason.startswith("no variance"):
+        return "no var."
+    return DASH
+
+
+def _paper_cell(row, m: str) -> str:
+    best, mean, std, value = (row.get(f"paper_{m}_{s}") for s in ("best", "mean", "std", "value"))
+    if _ok(best) and _ok(mean) and _ok(std):
+        return f"{best:.2f} ({mean:.2f} ± {std:.2f})"
+    if _ok(value):
+        return f"{value:.2f}"
+    return DASH
+
+
+def _format(df: pd.DataFrame, spec: TableSpec, with_paper: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    out: dict[str, list] = {"Model": [model_label(a) for a in df["arch"]],
+                            "Connectivity": [CONNECTIVITY_NAMES.get(c, c) for c in df["connectivity"]],
+                            "K": [str(k) for k in df["fan_in"]]}
+    bold_cols = {}
+    has_p_params = with_paper and df[["paper_params_train_M", "paper_params_test_M"]].notna().any().any()
+    for m in spec.metrics:
+        label = METRIC_NAMES.get(m, m)
+        main = f"{label} (%) mean ± 95% CI"
+        out[main] = [fmt_mean_ci(r[f"{m}_mean"], r[f"{m}_ci95"], r[f"{m}_n"]) for _, r in df.iterrows()]
+        bold_cols[main] = m
+        pre = "" if len(spec.metrics) == 1 else f"{label} "
+        out[f"{pre}Std"] = [fmt_num(x) for x in df[f"{m}_std"]]
+        out[f"{pre}Best"] = [fmt_num(x) for x in df[f"{m}_best"]]
+    out["n"] = [str(int(n)) for n in df["n"]]
+    out["Params train (M)"] = [fmt_params(x) for x in df["params_train_M"]]
+    out["Params test (M)"] = [fmt_params(x) for x in df["params_test_M"]]
+    if with_paper:
+        for m in spec.metrics:
+            label = METRIC_NAMES.get(m, m)
+            over_runs = df[f"paper_{m}_mean"].notna().any()  # else single values (Fig. 3, ImageNet)
+            head = f"Paper {label.lower()}" + (" best (mean ± std)" if over_runs else "")
+            out[head] = [_paper_cell(r, m) for _, r in df.iterrows()]
+            out[f"Δ {label.lower()} vs paper"] = [fmt_num(x, signed=True) for x in df[f"diff_{m}_vs_paper"]]
+        if has_p_params:
+            out["Paper params train / test (M)"] = [
+                DASH if not (_ok(a) or _ok(b)) else f"{fmt_params(a)} / {fmt_params(b)}"
+                for a, b in zip(df["paper_params_train_M"], df["paper_params_test_M"])]
+    out["p vs Full"] = [fmt_p(p, r) if c == "learned" else DASH
+                        for p, r, c in zip(df["p_vs_full"], df["p_vs_full_reason"], df["connectivity"])]
+    out["p vs Random (same K)"] = [fmt_p(p, r) if c == "learned" else DASH
+                                   for p, r, c in zip(df["p_vs_random"], df["p_vs_random_reason"],
+                                                      df["connectivity"])]
+    cells = pd.DataFrame(out, index=range(len(df)))
+    bold = pd.DataFrame(False, index=cells.index, columns=cells.columns)
+    models = df["arch"].to_numpy()
+    for col, m in bold_cols.items():
+        means = df[f"{m}_mean"].to_numpy(dtype=float)
+        for model in dict.fromkeys(models):
+            idx = np.flatnonzero((models == model) & np.isfinite(means))
+            if len(idx) >= 2:  # a block of one row has nothing to be best against
+                top = means[idx].max()
+                for i in idx[np.isclose(means[idx], top, rtol=0, atol=1e-9)]:
+                    bold.loc[i, col] = True
+    return cells, bold
+
+
+def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame | None = None,
+                exclude_models: frozenset[str] = frozenset()) -> Table | None:
+    """The table for one spec from :func:`summarize` output, or None if no run belongs in it.
+
+    ``missing`` (columns KEY) are expected runs without a complete run; those of this table are
+    listed in its notes, as are the paper's rows that no run reproduces.
+    """
+    models = spec.model_set()
+    sel = summary[summary["dataset"] == spec.dataset]
+    if models is not None:
+        sel = sel[sel["arch"].isin(models)]
+    sel = sel[~sel["arch"].isin(exclude_models)].reset_index(drop=True)
+    notes = []
+    if missing is not None and len(missing):
+        mm = missing[missing["dataset"] == spec.dataset]
+        if models is not None:
+            mm = mm[mm["arch"].isin(models)]
+        mm = mm[~mm["arch"].isin(exclude_models)]
+        if len(mm):
+            ids = [run_id_of(*r) for r in mm[KEY].itertuples(index=False, name=None)]
+            notes.append(f"Missing runs ({len(ids)} expected, not complete): " + ", ".join(ids) + ".")
+    if sel.empty and not notes:
+        return None
+    with_paper = spec.source is not None
+    if with_paper:
+        sel = _add_paper(sel, spec)
+        cfg = paper_configs(spec.source)
+        cfg = cfg[cfg["dataset"] == spec.dataset]
+        have = set(zip(sel["arch"], sel["connectivity"], sel["fan_in"]))
+        absent = [f"{model_label(r.model)} {CONNECTIVITY_NAMES.get(r.connectivity, r.connectivity)} K={r.fan_in}"
+                  for r in cfg.itertuples() if (r.model, r.connectivity, int(r.fan_in)) not in have]
+        if absent:
+            notes.append("Paper rows with no run here: " + ", ".join(absent) + ".")
+        # the paper's own caveats for the numbers shown ("read off the bar chart", "Xie et al. ...")
+        extra = sorted({piece for r in sel.itertuples() for m in spec.metrics
+                        if (p := paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, m, spec.source))
+                        for piece in p.note.split("; ") if piece and piece != "4 runs"})
+        if extra:
+            notes.append("Paper notes: " + "; ".join(extra) + ".")
+    if sel.empty:
+        notes.insert(0, "No complete run for this table yet.")
+        cells = pd.DataFrame()
+        bold = pd.DataFrame()
+    else:
+        cells, bold = _format(sel, spec, with_paper)
+    notes.append("Ours: final test accuracy over seeds, mean ± half-width of the 95% Student-t interval "
+                 "(\"n=1\": one seed, no interval); Best: best seed; bold: best mean of a model. "
+                 "p: Welch's two-sided t-test on seeds of a Learned row vs Fixed-Full of the same model "
+                 "and vs Fixed-Random of the same model and K (\"n<2\": fewer than two seeds on a side)."
+                 + (" Δ: our mean minus the paper's mean (or its single value)." if with_paper else ""))
+    data = sel.rename(columns={"arch": "model"})
+    return Table(spec=spec, data=data, cells=cells, bold=bold, blocks=list(sel["arch"]), notes=notes)
+
+
+def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
+                 summary: pd.DataFrame | None = None) -> list[Table]:
+    """All tables for the runs of one grid: the paper tables they touch, then one generic table per
+    dataset for the configurations no paper table covers. ``summary``: summarize(runs), if at hand."""
+    if summary is None:
+        summary = summarize(runs)
+    tables = []
+    covered: dict[str, set] = {}
+    for spec in PAPER_TABLES:
+        t = build_table(summary, spec, missing=missing)
+        covered.setdefault(spec.dataset, set()).update(spec.model_set() or ())
+        if t is not None:  # rows, or at least the note listing this table's missing runs
+            tables.append(t)
+    datasets = list(summary["dataset"])
+    if missing is not None:
+        datasets += list(missing["dataset"])
+    for ds in dict.fromkeys(datasets):
+        if ds in covered:
+            spec = TableSpec(f"table_{ds}_other", f"{ds}: configurations outside the paper's tables", ds)
+        else:
+            spec = TableSpec(f"table_{ds}", f"{ds} (not a dataset of the paper)", ds)
+        t = build_table(summary, spec, missing=missing, exclude_models=frozenset(covered.get(ds, ())))
+        if t is not None:
+            tables.append(t)
+    return tables
+
+
+# ---- writers ----------------------------------------------------------------------------------------
+
+def markdown_table(cells: pd.DataFrame, bold: pd.DataFrame | None = None) -> str:
+    """A GitHub-style pipe table. (pandas' to_markdown needs `tabulate`, which is not a declared
+    dependency of the report extra, so the suite writes its own: it is ten lines.)"""
+    if cells.empty:
+        return ""
+    numeric = [c not in ("Model", "Connectivity") for c in cells.columns]
+
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(c) for c in cells.columns) + " |",
+             "|" + "|".join("---:" if r else ":---" for r in numeric) + "|"]
+    for i in range(len(cells)):
+        vals = [esc(v) for v in cells.iloc[i]]
+        if bold is not None:
+            vals = [f"**{v}**" if bold.iat[i, j] else v for j, v in enumerate(vals)]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_UNICODE = {"±": r"$\pm$", "—": "---", "Δ": r"$\Delta$", "<": r"$<$", ">": r"$>$", "−": "$-$"}
+
+
+def latex_escape(text: str) -> str:
+    """Plain text -> LaTeX that compiles with any inputenc (ASCII only)."""
+    out = []
+    for ch in str(text):
+        out.append(_LATEX_SPECIAL.get(ch) or _LATEX_UNICODE.get(ch) or ch)
+    return "".join(out)
+
+
+def latex_table(table: Table) -> str:
+    """A booktabs tabular (\\toprule/\\midrule/\\bottomrule) via pandas Styler, a fragment to \\input;
+    a \\midrule separates model blocks. Needs \\usepackage{booktabs}."""
+    header = [f"% {table.spec.title}", "% Generated by `maskconnect report`; needs \\usepackage{booktabs}."]
+    header += ["% " + latex_escape(n).replace("\n", " ") for n in table.notes]
+    if table.cells.empty:
+        return "\n".join(header) + "\n"
+    cells = table.cells.map(latex_escape)
+    cells.columns = [latex_escape(c) for c in table.cells.columns]
+    props = pd.DataFrame(np.where(table.bold.to_numpy(), "textbf: --rwrap;", ""),
+                         index=cells.index, columns=cells.columns)
+    colfmt = "".join("l" if c in ("Model", "Connectivity") else "r" for c in table.cells.columns)
+    styler = cells.style.hide(axis="index").apply(lambda _: props, axis=None)
+    body = styler.to_latex(hrules=True, column_format=colfmt).splitlines()
+    # Rows sit between the header's \midrule and \bottomrule, one line each, in table order.
+    start = body.index("\\midrule") + 1
+    end = body.index("\\bottomrule")
+    rows = body[start:end]
+    merged = []
+    for i, line in enumerate(rows):
+        if i and table.blocks[i] != table.blocks[i - 1]:
+            merged.append("\\midrule")
+        merged.append(line)
+    return "\n".join(header + body[:start] + merged + body[end:]) + "\n"
+
+
+def markdown_document(table: Table, level: int = 3) -> str:
+    parts = ["#" * level + " " + table.spec.title, ""]
+    if not table.cells.empty:
+        parts += [markdown_table(table.cells, table.bold)]
+    parts += [f"- {n}" for n in table.notes]
+    return "\n".join(parts) + "\n"
+
+
+def write_table(table: Table, out_dir) -> dict[str, Path]:
+    """<out_dir>/<name>.tex, .md, .csv (atomic writes). Returns the paths by extension."""
+    out_dir = Path(out_dir)
+    return {
+        "tex": atomic_write_text(out_dir / f"{table.spec.name}.tex", latex_table(table)),
+        "md": atomic_write_text(out_dir / f"{table.spec.name}.md", markdown_document(table, level=1)),
+        "csv": atomic_write_text(out_dir / f"{table.spec.name}.csv",
+                                 table.data.to_csv(index=False, float_format="%.6g")),
+    }
