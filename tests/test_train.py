@@ -205,3 +205,23 @@ def test_eight_parallel_runs_land_in_one_fresh_mlflow_store(tmp_path):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")]
         assert sorted(steps) == [1, 2]
         assert run.data.tags["seed"] in {str(i) for i in range(8)} and "git_commit" in run.data.tags
+
+
+def test_torchrun_two_processes_cpu(tmp_path):
+    """Data-parallel training (gloo on CPU): each rank takes half of every global batch, the LR is
+    scaled by the global batch, and masks freeze mid-run without DDP complaining."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(port), "-m", "maskconnect", "train", *TINY, "--connectivity", "learned",
+                        "--fan-in", "2", "--epochs", "2", "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _history(out)
+    assert [row["phase"] for row in rows] == ["joint", "finetune"]
+    assert float(rows[0]["lr"]) == pytest.approx(0.2)  # demo LR 0.1 for batch 64; global batch 2 x 64
+    assert json.loads((out / "metrics.json").read_text())["status"] == "complete"

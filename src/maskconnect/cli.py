@@ -86,7 +86,7 @@ def _register_optional(sub) -> None:
                                    "run directories (metrics.json is the source of truth).")
     add_report_arguments(p)
     p.set_defaults(func=run_report)
-    for optional in ("maskconnect.grid", "maskconnect.bench_cli"):
+    for optional in ("maskconnect.grid_cli", "maskconnect.bench_cli"):
         import importlib
 
         try:

@@ -340,11 +340,14 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         torch.distributed.broadcast_object_list(obj := [start_epoch], src=0)
         start_epoch = obj[0]
 
-    step_model = model
-    if dist.world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
+    def wrap(model):
+        # DDP registers the parameters that need gradients when it is built: re-wrap after freezing
+        # the masks (the real-valued masks stop receiving gradients then).
+        if dist.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return torch.compile(model) if cfg.compile else model
+
+    step_model = wrap(model)
 
     tracker = None
     if dist.main and cfg.track:
@@ -357,6 +360,7 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         t0 = time.perf_counter()
         if learned and epoch >= cfg.freeze_epoch and not masks_frozen(model):
             freeze_masks(model)  # the joint phase ends: masks fixed to top-K, weights fine-tuned
+            step_model = wrap(model)
         phase = "fixed" if not learned else ("finetune" if masks_frozen(model) else "joint")
         before = current_masks(model)
         model.train()
