@@ -136,6 +136,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
         (["--dataset", "digits", "--arch", "20,4,8", "--freeze-epoch", "99", "--epochs", "3"], "invalid freeze_epoch=99"),
         (["--dataset", "digits", "--arch", "20,4,8", "--connectivity", "learned", "--fan-in", "9"], "invalid fan_in=9"),
         (["--dataset", "digits", "--arch", "20,4,8", "--set", "nonsense=1"], "invalid set='nonsense'"),
+        (["--dataset", "digits", "--arch", "20,4,8", "--momentum", "-1"], "invalid momentum=-1.0"),
+        (["--dataset", "digits", "--arch", "20,4,8", "--set", "label_smoothing=2"], "invalid label_smoothing=2"),
+        (["--dataset", "digits", "--arch", "20,4,8", "--set", "milestones=5"], "invalid milestones=5"),
+        (["--dataset", "digits", "--arch", "20,4,8", "--set", "synthetic=3"], "invalid synthetic=3"),
     ],
 )
 def test_bad_training_input_exits_2(tmp_path, capsys, args, needle):
@@ -145,7 +149,7 @@ def test_bad_training_input_exits_2(tmp_path, capsys, args, needle):
         code = exc.value.code
     assert code == 2
     assert needle in capsys.readouterr().err
-    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r").exists()  # validated before anything is written
 
 
 class _nullcontext:
@@ -225,3 +229,19 @@ def test_torchrun_two_processes_cpu(tmp_path):
     assert [row["phase"] for row in rows] == ["joint", "finetune"]
     assert float(rows[0]["lr"]) == pytest.approx(0.2)  # demo LR 0.1 for batch 64; global batch 2 x 64
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
+
+
+def test_masks_freeze_at_the_first_lr_drop_whatever_the_order(tmp_path):
+    from maskconnect.train import TrainConfig
+
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=10, milestones=[8, 3]).resolved()
+    assert c.milestones == [3, 8] and c.freeze_epoch == 3
+
+
+def test_run_files_are_readable_by_others(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("metrics.json", "checkpoint.pt", "history.csv", "config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

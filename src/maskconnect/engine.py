@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .connectivity import clip_masks, mask_parameters
+from .connectivity import MaskBank, mask_banks
 
 
 @dataclass
@@ -68,19 +68,23 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-               precision: Precision, *, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+               precision: Precision, *, label_smoothing: float = 0.0,
+               banks: list[MaskBank] | None = None) -> tuple[Tensor, Tensor]:
     """One SGD iteration: forward (one mask draw), backward, step, clip the real-valued masks.
 
+    ``banks``: the mask banks to clip (pass the unfrozen ones, computed once; None looks them up).
     Returns (loss, number of correct predictions) as device tensors (no host sync).
     """
+    if banks is None:
+        banks = [b for b in mask_banks(model) if not b.frozen]
     with precision.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if mask_parameters(model):
-        clip_masks(model)
+    for bank in banks:
+        bank.clip_()
     correct = (logits.detach().argmax(1) == y).sum()
     return loss.detach(), correct
 

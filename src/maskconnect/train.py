@@ -115,9 +115,31 @@ class TrainConfig:
         if c.milestones is None:
             drops = {max(1, round(f * c.epochs)) for f in r["milestone_fracs"]}
             c.milestones = sorted(m for m in drops if m < c.epochs)
-        c.milestones = [int(m) for m in c.milestones]
+        if not isinstance(c.milestones, list) or not all(isinstance(m, int) and not isinstance(m, bool) for m in c.milestones):
+            raise ConfigError("milestones", c.milestones, "a list of epochs, e.g. [150, 225]")
+        c.milestones = sorted(c.milestones)
         if any(not 0 < m < c.epochs for m in c.milestones):
             raise ConfigError("milestones", c.milestones, f"epochs strictly between 0 and epochs={c.epochs}")
+        for name, lo, hi, allowed in (
+            ("momentum", 0.0, None, "a number >= 0"), ("weight_decay", 0.0, None, "a number >= 0"),
+            ("mask_momentum", 0.0, None, "a number >= 0"), ("gamma", 0.0, None, "a number > 0 (LR factor at each milestone)"),
+            ("label_smoothing", 0.0, 1.0, "a number in [0, 1)"),
+        ):
+            v = getattr(c, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo and (hi is None or v < hi)
+            if not ok or (name == "gamma" and v == 0):
+                raise ConfigError(name, v, allowed)
+        if c.nesterov and c.momentum <= 0:
+            raise ConfigError("nesterov", c.nesterov, "false unless momentum > 0")
+        if not isinstance(c.workers, int) or c.workers < 0:
+            raise ConfigError("workers", c.workers, "an integer >= 0")
+        if not isinstance(c.synthetic, dict):
+            raise ConfigError("synthetic", c.synthetic, 'a JSON object, e.g. {"train_size": 512, "image_size": 32}')
+        for flag in ("nesterov", "augment", "amp", "channels_last", "compile", "track"):
+            if not isinstance(getattr(c, flag), bool):
+                raise ConfigError(flag, getattr(c, flag), "true or false")
+        if not isinstance(c.mask_init, (int, float)) or isinstance(c.mask_init, bool):
+            raise ConfigError("mask_init", c.mask_init, "a number in (0, 1]")
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
         c.fan_in = spec.fan_in
         if c.freeze_epoch is None:
@@ -195,6 +217,8 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False) -> str:
     ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted.
     """
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a run directory")
     cfg_path = out / "config.json"
     if cfg_path.exists():
         try:
@@ -291,15 +315,21 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
     cfg = cfg.resolved()
     dist = Distributed.from_env()
     out = Path(cfg.out)
-    state = prepare_run_dir(cfg, replace=replace) if dist.main else "new"
-    if state == "complete":
-        metrics = json.loads((out / "metrics.json").read_text())
-        print(f"{out}: already complete (top-1 {metrics['top1']:.2f}); nothing to do", file=sys.stderr)
-        return metrics
-
     device = resolve_device(cfg.device)
     if dist.world > 1:
         device = _init_distributed(dist, device)
+    # rank 0 inspects (and may move aside) the run directory; every rank follows its verdict
+    state = [prepare_run_dir(cfg, replace=replace) if dist.main else None]
+    if dist.world > 1:
+        torch.distributed.broadcast_object_list(state, src=0)
+    state = state[0]
+    if state == "complete":
+        metrics = json.loads((out / "metrics.json").read_text())
+        if dist.main:
+            print(f"{out}: already complete (top-1 {metrics['top1']:.2f}); nothing to do", file=sys.stderr)
+        _cleanup_distributed(dist)
+        return metrics if dist.main else {}
+
     precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last)
 
     from .data import build_data
@@ -325,20 +355,22 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
     best = {"top1": -1.0, "top5": None, "epoch": 0}
     start_epoch, wall = 0, 0.0
     if state == "resume":
-        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
+        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+        if ck.get("world", 1) != dist.world:
+            raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
+                              "the global batch and LR would change; resume with the same number of processes")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"], device)
         history, best, start_epoch, wall = ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"]
         if dist.main:
+            _write_history(out / "history.csv", history)  # a kill may have left it one epoch ahead
             print(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
     elif dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", asdict(cfg))
-    if dist.world > 1:
-        torch.distributed.broadcast_object_list(obj := [start_epoch], src=0)
-        start_epoch = obj[0]
 
     def wrap(model):
         # DDP registers the parameters that need gradients when it is built: re-wrap after freezing
@@ -363,6 +395,7 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
             step_model = wrap(model)
         phase = "fixed" if not learned else ("finetune" if masks_frozen(model) else "joint")
         before = current_masks(model)
+        banks = [b for b in mask_banks(model) if not b.frozen]  # what the step clips
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -370,7 +403,7 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         progress.start_epoch(epoch + 1)
         for x, y in data.train_batches(epoch):
             x = precision.prepare_input(x)
-            loss, c = train_step(step_model, optimizer, x, y, precision, label_smoothing=cfg.label_smoothing)
+            loss, c = train_step(step_model, optimizer, x, y, precision, label_smoothing=cfg.label_smoothing, banks=banks)
             loss_sum += loss * y.shape[0]
             correct += c
             seen += y.shape[0]
@@ -382,13 +415,17 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
             torch.distributed.all_reduce(stats)
             loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
         train_loss = float(loss_sum) / max(seen, 1)
-        if not math.isfinite(train_loss):
+        # the test loss too: the epoch's last step may have broken the weights after the last train loss
+        ev = evaluate(model, data.test_batches(), precision, data.info.num_classes) if math.isfinite(train_loss) else None
+        if ev is None or not math.isfinite(ev["test_loss"]):
+            which = "training" if ev is None else "test"
+            bad = train_loss if ev is None else ev["test_loss"]
             last = f"the last good checkpoint (after epoch {epoch}) is kept in {out / 'checkpoint.pt'}" if epoch else "no checkpoint was written"
             if tracker:
                 tracker.finish({}, [], status="FAILED")
-            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch + 1}; {last}. "
+            _cleanup_distributed(dist)
+            raise TrainingDiverged(f"{which} loss became {bad} in epoch {epoch + 1}; {last}. "
                                    "Lower --lr or check the data.")
-        ev = evaluate(model, data.test_batches(), precision, data.info.num_classes)
         after = current_masks(model)
         bank = mask_banks(model)
         row = {
@@ -404,12 +441,12 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
             best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": epoch + 1}
         elapsed = wall + time.perf_counter() - t_run
         if dist.main:
+            _write_history(out / "history.csv", history)  # before the checkpoint; resume rewrites it
             atomic_torch_save(out / "checkpoint.pt", {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "history": history,
-                "best": best, "wall_time_s": elapsed, "config": asdict(cfg),
+                "best": best, "wall_time_s": elapsed, "config": asdict(cfg), "world": dist.world,
             })
-            _write_history(out / "history.csv", history)
             if tracker:
                 tracker.log_epoch(row, step=epoch + 1)
         done = epoch + 1 - start_epoch

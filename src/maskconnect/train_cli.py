@@ -104,7 +104,10 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
     run = Path(run)
     if not (run / "metrics.json").exists() or not (run / "checkpoint.pt").exists():
         raise RunDirError(f"{run} is not a complete run (metrics.json and checkpoint.pt are needed)")
-    cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    try:
+        cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise RunDirError(f"{run / 'config.json'} is missing or not a config of this version ({e})") from None
     dev = resolve_device(device)
     precision = Precision.for_device(dev, amp=cfg.amp, channels_last=cfg.channels_last)
     data = build_data(cfg.dataset, data_dir=data_dir or cfg.data_dir, batch_size=cfg.batch_size,

@@ -63,16 +63,17 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     return g
 
 
-def batch_bounds(n: int, batch_size: int, *, merge_singleton: bool = True) -> list[tuple[int, int]]:
+def batch_bounds(n: int, batch_size: int, *, merge_singleton: bool = True, min_last: int = 2) -> list[tuple[int, int]]:
     """(start, stop) slices covering ``range(n)`` in batches of ``batch_size``.
 
-    The last incomplete batch is kept. With ``merge_singleton`` (training), a final batch of a single
-    sample is merged into the previous batch instead, so that no training batch has size 1.
+    The last incomplete batch is kept. With ``merge_singleton`` (training), a final batch of fewer than
+    ``min_last`` samples (default 2: a single sample) is merged into the previous batch instead, so that
+    no training batch (or, under data parallelism, no process's share of one) has size 1.
     """
     if n <= 0:
         return []
     bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if merge_singleton and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if merge_singleton and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         last = bounds.pop()
         bounds[-1] = (bounds[-1][0], last[1])
     return bounds
@@ -122,7 +123,7 @@ class DataBundle:
         raise NotImplementedError
 
     def _train_bounds(self) -> list[tuple[int, int]]:
-        return batch_bounds(self.train_size, self.batch_size, merge_singleton=True)
+        return batch_bounds(self.train_size, self.batch_size, merge_singleton=True, min_last=2 * self.world)
 
     def _test_bounds(self) -> list[tuple[int, int]]:
         return batch_bounds(self.test_size, self.eval_batch_size, merge_singleton=False)
