@@ -1,0 +1,133 @@
+"""``python -m bench <benchmark> [options]`` (also ``maskconnect bench ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from . import BENCHMARKS
+from .common import RESULTS_DIR
+
+MODULES = {"throughput": "throughput", "naive": "naive", "torchvision": "tv_compare", "inference": "inference",
+           "datapath": "datapath", "projection": "projection", "cuda-check": "cuda_check"}
+
+HELP = {
+    "throughput": "training-step images/s and peak memory: CIFAR configs x {full, random K=4, learned K=4}, "
+                  "ImageNet {50,4,32} full vs learned K=16",
+    "naive": "vectorised masked model vs a naive per-branch Python loop (forward + backward)",
+    "torchvision": "our Fixed-Full ResNeXt-50 vs torchvision resnext50_32x4d (training step)",
+    "inference": "pruned learned K=1 vs unpruned vs Fixed-Full (eval forward)",
+    "datapath": "CIFAR epoch with the device-resident loader vs the training steps alone",
+    "projection": "GPU-hours per grid at the paper recipe, achieved fraction of peak FLOP/s",
+    "cuda-check": "bf16 autocast + channels_last (+ compile) vs fp32 reference outputs and gradients (CUDA)",
+    "all": "every benchmark above (and cuda-check on CUDA), one tag",
+    "summary": "Markdown tables (goals, headline numbers) of the newest records in --out, for the README",
+}
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N; default auto")
+    common.add_argument("--quick", action="store_true",
+                        help="CPU smoke run: small configs, tiny batches, few steps (all of them in about a minute)")
+    common.add_argument("--steps", type=_positive, default=None, help="timed repeats per workload (default: per benchmark)")
+    common.add_argument("--warmup", type=_nonneg, default=None, help="warm-up calls per workload (at least 1 is always run)")
+    common.add_argument("--batch", type=_positive, default=None, help="CIFAR batch (default 128; 8 with --quick)")
+    common.add_argument("--imagenet-batch", type=_positive, default=None, dest="imagenet_batch",
+                        help="ImageNet batch (default: the largest that fits on CUDA; 2 with --quick)")
+    common.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"folder for the JSON records (default {RESULTS_DIR})")
+    common.add_argument("--tag", default="", help="file-name tag of the records (default: UTC timestamp)")
+    common.add_argument("--compile", action="store_true", help="torch.compile the models being timed")
+    common.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--data-dir", default=None, dest="data_dir",
+                        help="folder with CIFAR-10 for datapath (default: random images of CIFAR's shape)")
+    common.add_argument("--peak-tflops", type=float, default=None, dest="peak_tflops",
+                        help="the device's peak TFLOP/s, if the built-in table does not know it")
+    common.add_argument("--allow-cpu", action="store_true", dest="allow_cpu",
+                        help="cuda-check: run on the CPU with bf16 autocast (tests the check itself)")
+    parser = argparse.ArgumentParser(prog=prog, description="maskconnect benchmarks (issue 6). Each "
+                                     "writes a JSON record under --out and prints a table.")
+    sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    sub.required = True
+    for name in (*BENCHMARKS, "cuda-check", "all", "summary"):
+        sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
+    return parser
+
+
+def _context(args):
+    import torch
+
+    from maskconnect.engine import resolve_device
+
+    from .common import make_context
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    return make_context(device, quick=args.quick, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                        out=args.out, compile=args.compile, tag=args.tag, data_dir=args.data_dir,
+                        peak_tflops=args.peak_tflops, imagenet_batch=args.imagenet_batch)
+
+
+def _run_one(name: str, ctx, args):
+    mod = importlib.import_module(f"bench.{MODULES[name]}")
+    t0 = time.perf_counter()
+    path = mod.run(ctx, allow_cpu=args.allow_cpu) if name == "cuda-check" else mod.run(ctx)
+    print(f"[{name}: {time.perf_counter() - t0:.1f}s]")
+    return path
+
+
+def _summary(paths: list[Path]) -> None:
+    import json
+
+    print("\n== goals (all benchmarks)")
+    for p in paths:
+        rec = json.loads(Path(p).read_text())
+        for g in rec.get("goals", []):
+            status = {True: "met", False: "NOT met", None: "not measurable here"}[g["met"]]
+            value = "-" if g["value"] is None else f"{g['value']:.3g}"
+            print(f"  {g['id']:<36} {g['target']:<7} measured {value:<8} {status}")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    from maskconnect.errors import MaskConnectError
+
+    args = build_parser(prog).parse_args(argv)
+    if args.benchmark == "summary":  # reads records only: no torch device needed
+        from .summary import run
+
+        run(args.out)
+        return 0
+    try:
+        ctx = _context(args)
+        print(f"device: {ctx.env['device_name']} ({ctx.env['device_kind']}), torch {ctx.env['torch_version']}, "
+              f"{ctx.dtype_name()}{', channels_last' if ctx.precision.channels_last else ''}"
+              f"{', quick' if ctx.quick else ''}, tag {ctx.tag}")
+        if args.benchmark != "all":
+            _run_one(args.benchmark, ctx, args)
+            return 0
+        paths = [_run_one(name, ctx, args) for name in BENCHMARKS]
+        if ctx.cuda:
+            paths.append(_run_one("cuda-check", ctx, args))
+        _summary([p for p in paths if p is not None])
+        return 0
+    except MaskConnectError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return e.exit_code
