@@ -18,7 +18,7 @@ def _bool(v: str) -> bool:
 
 
 def register(sub) -> None:
-    from .train import RECIPES
+    from .recipes import RECIPES
 
     p = sub.add_parser(
         "train", help="train and evaluate one model (resumable); writes a run directory",

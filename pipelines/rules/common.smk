@@ -1,0 +1,54 @@
+# Configuration, the grid, and the helpers the rules share. Nothing here runs a job.
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# The grid logic comes from this checkout's package (src/), also where an older copy is installed.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from maskconnect import grid as G  # noqa: E402
+from maskconnect.errors import ConfigError  # noqa: E402
+
+# Validate the configuration, then the grid file, before any job starts. A bad grid stops here
+# with a message naming the grid entry, e.g. "grid 'x' entry 3 (cifar100 29,8,8 learned): invalid
+# fan_in=9: an integer K with 1 <= K <= C=8".
+validate(config, "../schemas/config.schema.yaml")
+try:
+    GRID = G.load_grid(config["grid"])
+except ConfigError as e:
+    raise WorkflowError(f"invalid experiment grid: {e}") from None
+
+# (grid, run id) -> maskconnect.grid.Run
+RUNS = {(r.grid, r.run_id): r for r in GRID.runs}
+ENV = "../envs/maskconnect.yaml"
+
+
+wildcard_constraints:
+    grid="|".join(re.escape(p) for p in GRID.parts),
+    run=G.RUN_ID_REGEX,
+    dataset="[a-z0-9_]+",
+
+
+def run_of(wildcards):
+    return RUNS[(wildcards.grid, wildcards.run)]
+
+
+def run_file(name):
+    """Pattern of a file in a run directory: results/runs/{grid}/{run}/<name>."""
+    return f"{G.RUN_DIR_PATTERN}/{name}"
+
+
+def grid_run_files(part, names):
+    return [f"{r.run_dir}/{n}" for r in GRID.runs_of(part) for n in names]
+
+
+def all_targets():
+    targets = []
+    for part in GRID.parts:
+        targets += [G.tables_dir(part), G.report_marker(part), G.sync_marker(part), G.metrics_file(part)]
+    return targets

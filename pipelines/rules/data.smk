@@ -1,0 +1,13 @@
+# Datasets: download (CIFAR) or verify (ImageNet, which must be in data/imagenet); digits and
+# synthetic need nothing. Training jobs wait for the marker.
+
+
+rule prepare_data:
+    output:
+        G.data_marker("{dataset}"),
+    log:
+        G.log_file("data", "prepare_data", "{dataset}"),
+    conda:
+        ENV
+    shell:
+        "maskconnect prepare-data --dataset {wildcards.dataset} --marker {output} > {log} 2>&1"

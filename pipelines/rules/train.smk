@@ -1,0 +1,34 @@
+# One job per run of the grid. `maskconnect train` resumes from the run's checkpoint.pt, which is
+# deliberately not a declared output: Snakemake deletes the outputs of a job before running it,
+# and a restarted workflow must find the checkpoint (no lost epochs). metrics.json, written
+# atomically at the very end, is the output. When a run's training settings change in the grid,
+# the job's params change, Snakemake re-runs it, and --replace moves the old run aside.
+#
+# GPU jobs reserve `gpu` resources (the workflow profile caps them at the GPUs present) and run
+# under `maskconnect gpu-slot`, which picks free device ids (CUDA_VISIBLE_DEVICES); jobs with more
+# than one GPU run torchrun, one process per GPU.
+
+
+rule train:
+    input:
+        data=lambda w: ancient(G.data_marker(run_of(w).dataset)),
+        store=ancient(G.tracking_marker()),
+    output:
+        run_file("metrics.json"),
+    params:
+        launcher=lambda w: G.launcher(run_of(w).gpus),
+        args=lambda w: run_of(w).train_args(),
+        out=lambda w: run_of(w).run_dir,
+    threads: lambda w: run_of(w).threads
+    resources:
+        gpu=lambda w: run_of(w).gpus,
+        runtime=lambda w: run_of(w).runtime or 60,
+        mem_mb=lambda w: run_of(w).mem_mb or 4000,
+    log:
+        G.log_file("{grid}", "train", "{run}"),
+    benchmark:
+        G.benchmark_file("{grid}", "{run}")
+    conda:
+        ENV
+    shell:
+        "{params.launcher}maskconnect train {params.args:q} --out {params.out} --replace --progress lines > {log} 2>&1"

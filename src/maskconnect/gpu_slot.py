@@ -1,0 +1,163 @@
+"""``maskconnect gpu-slot``: run a command on GPUs no other job of this machine is using.
+
+Snakemake counts GPUs (``resources: gpu=1`` per job, ``--resources gpu=N`` in total; the workflow
+profile sets N to :func:`visible_gpus`), but it does not say *which* GPU a job gets: every job would
+see every GPU and start on ``cuda:0``. This wrapper picks the device ids. Each GPU has a lock file
+(``<lock dir>/maskconnect-gpu-<id>.lock``); a job takes ``flock`` locks on free GPUs, sets
+``CUDA_VISIBLE_DEVICES`` to them and ``exec``s the command, which inherits the locks and holds them
+until it exits (a killed job frees its GPUs at once: the kernel drops the lock). When fewer GPUs are
+free than asked for, it waits.
+
+Under a cluster scheduler that binds GPUs itself (SLURM sets ``CUDA_VISIBLE_DEVICES`` for the job),
+and with ``--gpus 0``, the command runs unchanged. Imports nothing heavy: the profile uses
+:func:`visible_gpus` while Snakemake starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOCK_DIR_ENV = "MASKCONNECT_GPU_LOCK_DIR"
+LOCK_PREFIX = "maskconnect-gpu-"
+
+
+def visible_gpus(env: dict | None = None) -> list[str]:
+    """The GPUs a job may use: ``CUDA_VISIBLE_DEVICES`` if set (ids or UUIDs), else those
+    ``nvidia-smi`` lists, else none."""
+    env = os.environ if env is None else env
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        ids = [d.strip() for d in cvd.split(",") if d.strip()]
+        # CUDA stops at the first invalid id ("-1" is the usual way to hide every GPU)
+        out = []
+        for d in ids:
+            if d.startswith("-"):
+                break
+            out.append(d)
+        return out
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        text = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip().isdigit()]
+
+
+def gpu_count() -> int:
+    """How many GPUs Snakemake may hand out at once (the workflow profile's ``resources: gpu``)."""
+    return len(visible_gpus())
+
+
+def scheduler_assigned(env: dict | None = None) -> bool:
+    """True where a cluster scheduler has already bound this job to its GPUs (SLURM)."""
+    env = os.environ if env is None else env
+    return bool(env.get("SLURM_JOB_ID")) and env.get("CUDA_VISIBLE_DEVICES") is not None
+
+
+def lock_dir() -> Path:
+    return Path(os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
+
+
+def _lock_path(directory: Path, gpu: str) -> Path:
+    return directory / f"{LOCK_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', gpu)}.lock"
+
+
+def acquire(n: int, gpus: list[str], directory: Path | None = None, *, timeout: float | None = None,
+            poll: float = 1.0) -> tuple[list[str], list[int]]:
+    """Lock ``n`` of ``gpus``; returns (ids, open lock fds). Waits while fewer than ``n`` are free
+    (all or nothing, so two multi-GPU jobs never hold half each). ``timeout``: seconds, None = forever."""
+    import fcntl
+
+    if n > len(gpus):
+        raise RuntimeError(f"{n} GPUs asked for, {len(gpus)} visible ({','.join(gpus) or 'none'})")
+    directory = directory or lock_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    while True:
+        got_ids, got_fds = [], []
+        for gpu in gpus:
+            fd = os.open(_lock_path(directory, gpu), os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            got_ids.append(gpu)
+            got_fds.append(fd)
+            if len(got_ids) == n:
+                for fd in got_fds:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                return got_ids, got_fds
+        for fd in got_fds:
+            os.close(fd)  # releases the lock
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise TimeoutError(f"no {n} free GPU(s) among {','.join(gpus)} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def run(command: list[str], n: int = 1, *, timeout: float | None = None) -> int:
+    """Exec ``command`` with ``CUDA_VISIBLE_DEVICES`` set to ``n`` free GPUs (does not return)."""
+    if not command:
+        raise SystemExit("maskconnect gpu-slot: no command given (usage: maskconnect gpu-slot --gpus 1 -- CMD ...)")
+    env = dict(os.environ)
+    if n > 0 and not scheduler_assigned(env):
+        gpus = visible_gpus(env)
+        try:
+            ids, fds = acquire(n, gpus, timeout=timeout)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"maskconnect gpu-slot: {e}", file=sys.stderr)
+            return 2
+        for fd in fds:
+            os.set_inheritable(fd, True)  # the command holds the locks until it exits
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+        env["MASKCONNECT_GPU_SLOT"] = env["CUDA_VISIBLE_DEVICES"]
+        print(f"maskconnect gpu-slot: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as e:
+        print(f"maskconnect gpu-slot: cannot run {command[0]!r}: {e}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def _cmd(args) -> int:
+    if args.count:
+        print(gpu_count())
+        return 0
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    return run(command, args.gpus, timeout=args.timeout)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("gpu-slot", help="run a command on free GPUs (sets CUDA_VISIBLE_DEVICES; for pipelines)",
+                       description="Run COMMAND with CUDA_VISIBLE_DEVICES set to GPUs that no other gpu-slot job on "
+                                   "this machine holds (flock on a lock file per GPU, held until COMMAND exits). "
+                                   "Waits while fewer are free. A no-op under SLURM, which binds GPUs itself. "
+                                   f"Lock files live in ${LOCK_DIR_ENV} or the temp folder.")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the command needs (default 1; 0 runs it unchanged)")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds of waiting (default: wait)")
+    p.add_argument("--count", action="store_true", help="print the number of visible GPUs and exit")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=_cmd)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="maskconnect gpu-slot")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    a = parser.parse_args(["gpu-slot", *sys.argv[1:]])
+    sys.exit(a.func(a))

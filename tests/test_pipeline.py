@@ -1,0 +1,468 @@
+"""The experiment grids and the workflows that read them (Snakemake, DVC): fast checks.
+
+Run counts per grid, the one run-id function, bad grid files rejected with the entry named (by the
+loader and by Snakemake before any job), `snakemake --lint`, the conda env files, dvc.yaml equal to
+the one generated from the grid, and Snakemake jobs running the very commands of the DVC stages.
+End-to-end runs are in test_pipeline_e2e.py (marked slow).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maskconnect import grid as G
+from maskconnect.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+PAPER_COUNTS = {"cifar100": 64, "cifar10": 36, "imagenet": 9, "paper": 109}
+DEMO_RUNS = 21
+SMOKE_RUNS = 3
+
+
+# ---- helpers (also used by test_pipeline_e2e.py) ------------------------------------------------------
+
+# What a fresh clone holds that the workflows need (the package comes along for the grids).
+PROJECT_FILES = ["Snakefile", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml"]
+PROJECT_DIRS = ["pipelines", "profiles", "src"]
+
+
+def tool_env(root: Path) -> dict:
+    """Environment for the tools: this venv's bin first, the checkout's package first, no outside MLflow."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(root / "src")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["MASKCONNECT_GPU_LOCK_DIR"] = str(root / ".gpu-locks")
+    return env
+
+
+def fresh_checkout(dest: Path) -> Path:
+    """Copy the project's sources to ``dest`` as a clone would have them, with git and DVC."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    for name in PROJECT_FILES:
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, dest / name)
+    for name in PROJECT_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    (dest / ".dvc").mkdir()
+    for name in ("config", ".gitignore"):
+        shutil.copy2(ROOT / ".dvc" / name, dest / ".dvc" / name)
+    run(["git", "init", "-q"], dest, check=True)
+    return dest
+
+
+def run(cmd: list, cwd: Path, *, check: bool = False, timeout: float = 900, env: dict | None = None):
+    """Run a tool in ``cwd``; stdout and stderr merged into ``.stdout``."""
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or tool_env(cwd), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def snakemake(args: list, cwd: Path, **kw):
+    return run([BIN / "snakemake", *args], cwd, **kw)
+
+
+def dvc(args: list, cwd: Path, **kw):
+    return run([BIN / "dvc", *args], cwd, **kw)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake (dry) run: rule -> jobs."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^job\s+count\s*$", line.strip()):
+            for row in lines[i + 2:]:
+                m = re.match(r"^(\w+)\s+(\d+)$", row.strip())
+                if not m:
+                    break
+                if m.group(1) != "total":
+                    counts[m.group(1)] = int(m.group(2))
+            break
+    return counts
+
+
+def shell_commands(output: str) -> list[str]:
+    """The shell commands of a `snakemake -n -p` output, without their log redirections."""
+    cmds = []
+    for line in output.splitlines():
+        if line.startswith("Shell command: ") and not line.endswith(": None"):
+            cmd = line[len("Shell command: "):].strip()
+            cmd = re.sub(r"\s+>\s*\S+\s+2>&1$", "", cmd)  # > {log} 2>&1
+            cmd = re.sub(r"\s+2>\s*\S+$", "", cmd)        # ... > {output} 2> {log}
+            cmds.append(cmd)
+    return cmds
+
+
+# ---- the grids --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("smoke", SMOKE_RUNS)])
+def test_grid_run_counts(name, count):
+    grid = G.load_grid(name)
+    assert len(grid.runs) == count
+    assert len({r.run_dir for r in grid.runs}) == count  # every run has its own directory
+
+
+def test_every_packaged_grid_loads():
+    assert set(G.available_grids()) >= {"demo", "smoke", "cifar100", "cifar10", "imagenet", "paper"}
+    for name in G.available_grids():
+        G.load_grid(name)
+
+
+def test_paper_grids_match_the_paper():
+    c100 = G.load_grid("cifar100")
+    configs = {(r.arch, r.connectivity, r.fan_in) for r in c100.runs}
+    table2 = {(a, c, k) for a in ("29,8,8", "29,64,8") for c, k in (("full", 8), ("learned", 1), ("learned", 4), ("random", 4))}
+    fig3 = {("20,4,8", "learned", k) for k in range(1, 8)} | {("20,4,8", "full", 8)}
+    assert configs == table2 | fig3
+    assert {r.seed for r in c100.runs} == {0, 1, 2, 3}
+    c10 = G.load_grid("cifar10")
+    assert {(r.arch, r.connectivity, r.fan_in) for r in c10.runs} == {
+        (a, c, k) for a in ("20,4,8", "29,8,8", "29,64,8") for c, k in (("full", 8), ("learned", 4), ("random", 4))}
+    inet = G.load_grid("imagenet")
+    assert {(r.arch, r.connectivity, r.fan_in) for r in inet.runs} == {
+        (a, c, k) for a, C in (("50,4,32", 32), ("101,4,32", 32), ("101,4,64", 64))
+        for c, k in (("full", C), ("learned", C // 2), ("random", C // 2))}
+    assert all(r.gpus >= 1 and r.device == "cuda" for g in (c100, c10, inet) for r in g.runs)
+    assert {r.recipe for r in c100.runs + c10.runs} == {"paper"} and {r.recipe for r in inet.runs} == {"paper-imagenet"}
+
+
+def test_paper_is_the_union_and_keeps_each_grids_directories():
+    paper = G.load_grid("paper")
+    assert paper.parts == ["cifar100", "cifar10", "imagenet"]
+    union = [r.run_dir for p in paper.parts for r in G.load_grid(p).runs]
+    assert [r.run_dir for r in paper.runs] == union
+
+
+def test_demo_grid_has_every_result_kind():
+    demo = G.load_grid("demo")
+    assert {r.dataset for r in demo.runs} == {"digits"} and {r.device for r in demo.runs} == {"cpu"}
+    assert all(r.gpus == 0 for r in demo.runs)
+    k = {c: sorted({r.fan_in for r in demo.runs if r.connectivity == c}) for c in ("full", "random", "learned")}
+    assert k["full"] == [8] and len(k["random"]) >= 2 and len(k["learned"]) >= 3  # a fan-in sweep
+    assert {r.seed for r in demo.runs} == {0, 1, 2}
+
+
+def test_run_id_and_run_dir_are_the_one_spelling():
+    assert G.run_id("cifar100", "29,8,8", "learned", 4, 0) == "cifar100/29-8-8/learned-K4/seed0"
+    assert G.run_id("cifar10", (29, 64, 8), "full", 8, 3) == "cifar10/29-64-8/full-K8/seed3"
+    run = next(r for r in G.load_grid("cifar100").runs if r.connectivity == "learned" and r.fan_in == 4)
+    assert run.run_dir == f"results/runs/cifar100/{run.run_id}"
+    assert G.run_dir("cifar100", {"dataset": "cifar100", "arch": "29,8,8", "connectivity": "random",
+                                  "fan_in": 4, "seed": 1}) == "results/runs/cifar100/cifar100/29-8-8/random-K4/seed1"
+    assert re.fullmatch(G.RUN_ID_REGEX, run.run_id)
+    from maskconnect.report.runs import run_id_of  # the report spells missing runs the same way
+
+    assert run_id_of("cifar100", "29,8,8", "learned", 4, 0) == G.run_id("cifar100", "29,8,8", "learned", 4, 0)
+
+
+def test_train_command_of_a_run():
+    run = next(r for r in G.load_grid("demo").runs if r.connectivity == "learned" and r.fan_in == 4 and r.seed == 1)
+    cmd = G.train_command(run)
+    assert cmd.startswith("maskconnect train --dataset digits --arch 20,4,8 --connectivity learned --fan-in 4 --seed 1 --recipe demo")
+    assert f"--out {run.run_dir} " in cmd
+    gpu = G.load_grid("cifar100").runs[0]
+    assert G.train_command(gpu).startswith("maskconnect gpu-slot --gpus 1 -- maskconnect train ")
+    inet = G.load_grid("imagenet").runs[0]
+    assert G.train_command(inet).startswith(
+        f"maskconnect gpu-slot --gpus {inet.gpus} -- torchrun --standalone --nproc-per-node {inet.gpus} -m maskconnect train ")
+    full = G.load_grid("smoke").runs[0]
+    assert "--fan-in" not in G.train_command(full)  # full uses K = C
+
+
+def test_train_arguments_parse_with_the_real_cli():
+    from maskconnect.cli import build_parser
+
+    for name in ("demo", "cifar100", "imagenet"):
+        for run in G.load_grid(name).runs[:3]:
+            args = build_parser().parse_args(["train", *run.train_args(), "--out", run.run_dir, "--replace"])
+            assert (args.dataset, args.connectivity, args.seed) == (run.dataset, run.connectivity, run.seed)
+
+
+# ---- bad grid files ---------------------------------------------------------------------------------
+
+BAD_GRIDS = {
+    "unknown dataset": ("""\
+name: bad
+defaults: {seeds: [0], recipe: smoke, device: cpu}
+entries:
+  - {dataset: digits, arch: "20,4,8", connectivity: full}
+  - {dataset: cifar1000, arch: "29,8,8", connectivity: learned, fan_ins: [4]}
+""", ["entry 2", "cifar1000", "dataset"]),
+    "K > C": ("""\
+name: bad
+defaults: {dataset: cifar100, seeds: [0, 1]}
+entries:
+  - {arch: "29,8,8", connectivity: full}
+  - {arch: "29,8,8", connectivity: random, fan_ins: [4]}
+  - {arch: "29,8,8", connectivity: learned, fan_ins: [4, 9]}
+""", ["entry 3", "29,8,8 learned", "fan_in=9", "C=8"]),
+    "missing seeds": ("""\
+name: bad
+defaults: {dataset: digits}
+entries:
+  - {arch: "20,4,8", connectivity: full, seeds: [0]}
+  - {arch: "20,4,8", connectivity: learned, fan_ins: [2]}
+""", ["entry 2", "seeds"]),
+    "empty seeds": ("""\
+name: bad
+entries:
+  - {dataset: digits, arch: "20,4,8", connectivity: full, seeds: []}
+""", ["entry 1", "seeds"]),
+    "typo in a field": ("""\
+name: bad
+entries:
+  - {dataset: digits, arch: "20,4,8", connectivity: learned, fanins: [2], seeds: [0]}
+""", ["entry 1", "fanins"]),
+    "random without K": ("""\
+name: bad
+entries:
+  - {dataset: digits, arch: "20,4,8", connectivity: random, seeds: [0]}
+""", ["entry 1", "fan_ins"]),
+    "bad depth": ("""\
+name: bad
+entries:
+  - {dataset: cifar10, arch: "21,4,8", connectivity: full, seeds: [0]}
+""", ["entry 1", "depth=21"]),
+    "run twice": ("""\
+name: bad
+defaults: {dataset: digits, seeds: [0]}
+entries:
+  - {arch: "20,4,8", connectivity: learned, fan_ins: [2, 4]}
+  - {arch: "20,4,8", connectivity: learned, fan_ins: [4]}
+""", ["entry 2", "learned-K4", "entry 1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRIDS))
+def test_loader_rejects_bad_grid_naming_the_entry(case, tmp_path):
+    text, words = BAD_GRIDS[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        G.load_grid(str(path))
+    message = str(info.value)
+    assert message.startswith("grid 'bad' ")
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_unknown_grid_name_lists_the_grids():
+    with pytest.raises(ConfigError, match="demo.*smoke|one of"):
+        G.load_grid("nosuchgrid")
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A fresh copy of the project (no results), shared by the read-only workflow checks."""
+    return fresh_checkout(tmp_path_factory.mktemp("checkout"))
+
+
+@pytest.mark.parametrize("case", ["unknown dataset", "K > C", "missing seeds"])
+def test_snakemake_rejects_bad_grid_before_any_job(case, checkout):
+    text, words = BAD_GRIDS[case]
+    path = checkout / f"bad-{case.replace(' ', '_').replace('>', 'gt')}.yaml"
+    path.write_text(text)
+    proc = snakemake(["--cores", "1", "--config", f"grid={path.name}"], checkout)  # a real run, not -n
+    assert proc.returncode != 0
+    for word in words:
+        assert word in proc.stdout, (word, proc.stdout[-3000:])
+    assert "Job stats" not in proc.stdout
+    assert not (checkout / "results").exists() and not (checkout / "data").exists()
+
+
+def test_snakemake_rejects_bad_config(checkout):
+    proc = snakemake(["-n", "--config", "gird=demo"], checkout)
+    assert proc.returncode != 0 and "gird" in proc.stdout
+
+
+# ---- Snakemake ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("smoke", SMOKE_RUNS)])
+def test_snakemake_dry_run_counts_train_jobs(name, count, checkout):
+    proc = snakemake(["-n", "--config", f"grid={name}"], checkout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    counts = job_counts(proc.stdout)
+    assert counts["train"] == count
+    assert counts["evaluate"] == count
+    parts = len(G.load_grid(name).parts)
+    assert counts["report"] == counts["aggregate"] == counts["tracking_sync"] == counts["tracking_report"] == parts
+    assert counts["tracking_init"] == 1
+
+
+def test_default_grid_is_demo(checkout):
+    counts = job_counts(snakemake(["-n"], checkout, check=True).stdout)
+    assert counts["train"] == DEMO_RUNS
+
+
+def test_snakemake_lint_is_clean(checkout):
+    for name in ("demo", "paper"):
+        proc = snakemake(["--lint", "--config", f"grid={name}"], checkout)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_tracking_store_is_created_before_training(checkout):
+    """Every training job depends on the MLflow store's marker (no migration race between jobs)."""
+    proc = snakemake(["-n", "--config", "grid=smoke"], checkout, check=True)
+    blocks = proc.stdout.split("\n\n")
+    train = [b for b in blocks if re.search(r"^(local)?rule train:", b, re.M)]
+    assert len(train) == SMOKE_RUNS
+    assert all(G.tracking_marker() in b.split("input:")[1].splitlines()[0] for b in train)
+
+
+@pytest.mark.parametrize("name", ["smoke", "paper"])
+def test_snakemake_jobs_run_the_dvc_stage_commands(name, checkout):
+    """Each Snakemake job's shell command is the command of a DVC stage for the same grid."""
+    proc = snakemake(["-n", "-p", "--config", f"grid={name}"], checkout, check=True)
+    ours = sorted(shell_commands(proc.stdout))
+    theirs = sorted(stage["cmd"] for stage in G.dvc_stages(G.load_grid(name)).values())
+    assert ours == theirs
+
+
+# ---- profiles -----------------------------------------------------------------------------------------
+
+def _parse_profile(path: Path, env: dict | None = None) -> dict:
+    from snakemake.profiles import ProfileConfigFileParser
+
+    old = dict(os.environ)
+    try:
+        os.environ.update(env or {})
+        with open(path) as stream:
+            return dict(ProfileConfigFileParser().parse(stream))
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_default_profile_limits_gpu_jobs_to_the_gpus_present(monkeypatch):
+    from maskconnect.gpu_slot import gpu_count
+
+    monkeypatch.chdir(ROOT)
+    prof = _parse_profile(ROOT / "profiles/default/config.yaml")
+    assert prof["resources"] == [f"gpu={gpu_count()}"]
+    prof = _parse_profile(ROOT / "profiles/default/config.yaml", {"CUDA_VISIBLE_DEVICES": "0,1,2"})
+    assert prof["resources"] == ["gpu=3"]
+
+
+def test_slurm_profile():
+    prof = _parse_profile(ROOT / "profiles/slurm/config.yaml",
+                          {"MASKCONNECT_SLURM_PARTITION": "a100", "MASKCONNECT_SLURM_ACCOUNT": "proj"})
+    assert prof["executor"] == "slurm"
+    assert "slurm_partition=a100" in prof["default-resources"] and "slurm_account=proj" in prof["default-resources"]
+    assert "resources" not in prof  # SLURM, not a local count, decides how many GPU jobs run
+    prof = _parse_profile(ROOT / "profiles/slurm/config.yaml", {"MASKCONNECT_SLURM_PARTITION": "gpu"})
+    assert not any(r.startswith("slurm_account") for r in prof["default-resources"])
+    import importlib.util
+
+    assert importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+
+
+def test_gpu_jobs_declare_gpu_resources(checkout):
+    # (Snakemake shows a job's resources capped at the global limit, which is 0 without GPUs.)
+    proc = snakemake(["-n", "--config", "grid=imagenet", "--resources", "gpu=8"], checkout, check=True)
+    blocks = [b for b in proc.stdout.split("\n\n") if re.search(r"^(local)?rule (train|evaluate):", b, re.M)]
+    train = [b for b in blocks if "rule train:" in b]
+    assert train and all("gpu=8" in b for b in train)
+    assert all("gpu=1" in b for b in blocks if "rule evaluate:" in b)
+
+
+# ---- conda environments -------------------------------------------------------------------------------
+
+ENV_FILES = sorted((ROOT / "pipelines" / "envs").glob("*.yaml"))
+PIN = re.compile(r"^[A-Za-z0-9_.\-]+(\[[^\]]*\])?\s*==?\s*[0-9][A-Za-z0-9_.+!*\-]*(=[A-Za-z0-9_.*]+)?$")
+
+
+def test_rules_use_the_env_files():
+    used = set()
+    for smk in (ROOT / "pipelines" / "rules").glob("*.smk"):
+        used |= set(re.findall(r'"(\.\./envs/[^"]+\.yaml)"', smk.read_text()))
+    assert ENV_FILES and used
+    for rel in used:
+        assert (ROOT / "pipelines" / "rules" / rel).resolve() in [p.resolve() for p in ENV_FILES]
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_conda_env_file_is_pinned_and_installs_the_suite(path):
+    env = yaml.safe_load(path.read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    deps = env["dependencies"]
+    conda = [d for d in deps if isinstance(d, str)]
+    pip = [d for d in deps if isinstance(d, dict)]
+    assert conda and all(PIN.match(d) for d in conda), [d for d in conda if not PIN.match(d)]
+    names = {re.split(r"[=<>! ]", d)[0] for d in conda}
+    assert {"python", "pip", "pytorch", "torchvision"} <= names
+    assert len(pip) == 1 and list(pip[0]) == ["pip"]
+    lines = pip[0]["pip"]
+    suite = [ln for ln in lines if ln.startswith("-e ")]
+    assert len(suite) == 1, lines
+    target = suite[0][3:].split("[", 1)[0]
+    for other in lines:
+        assert other in suite or PIN.match(other), f"unpinned pip requirement {other!r}"
+    # conda runs pip in the env file's folder; Snakemake first copies the file to
+    # .snakemake/conda/<hash>.yaml. The relative path must reach the project from both.
+    for base in (path.parent, ROOT / ".snakemake" / "conda"):
+        project = (base / target).resolve()
+        assert project == ROOT, (base, target)
+        assert 'name = "maskconnect"' in (project / "pyproject.toml").read_text()
+
+
+# ---- DVC ----------------------------------------------------------------------------------------------
+
+def test_dvc_yaml_is_generated_from_the_default_grid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert (ROOT / "dvc.yaml").read_text() == G.dvc_yaml(G.DEFAULT_GRID), \
+        "dvc.yaml is stale: run `maskconnect grid dvc --grid demo > dvc.yaml`"
+
+
+def test_dvc_yaml_declares_params_metrics_plots():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    demo = G.load_grid("demo")
+    train = {k: v for k, v in stages.items() if k.startswith("train-")}
+    assert len(train) == DEMO_RUNS
+    for run in demo.runs:
+        st = train[f"train-{run.slug}"]
+        assert st["cmd"] == G.train_command(run)
+        assert list(st["params"][0]) == ["src/maskconnect/grids/demo.yaml"]
+        assert f"entries.{run.entry - 1}.connectivity" in st["params"][0]["src/maskconnect/grids/demo.yaml"]
+        assert list(st["metrics"][0]) == [f"{run.run_dir}/metrics.json"]
+        assert list(st["plots"][0]) == [f"{run.run_dir}/history.csv"]
+    assert len([k for k in stages if k.startswith("evaluate-")]) == DEMO_RUNS
+    report = stages["report-demo"]
+    assert report["outs"] == [{"paper_tables/demo": {"cache": False}}]  # committed tables: not in the DVC cache
+    assert stages["aggregate-demo"]["metrics"] == [{"results/metrics/demo.json": {"cache": False}}]
+
+
+def test_dvc_stage_list(checkout):
+    proc = dvc(["stage", "list"], checkout, check=True)
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert len([n for n in names if n.startswith("train-")]) == DEMO_RUNS
+    assert {"tracking_init", "prepare_data-digits", "aggregate-demo", "report-demo"} <= set(names)
+
+
+def test_dvc_yaml_for_the_paper_grid(tmp_path, monkeypatch):
+    """`maskconnect grid dvc --grid paper` gives a valid pipeline with 109 training stages."""
+    root = fresh_checkout(tmp_path / "c")
+    proc = run([BIN / "maskconnect", "grid", "dvc", "--grid", "paper", "--out", "dvc.yaml"], root, check=True)
+    assert proc.returncode == 0
+    names = [ln.split()[0] for ln in dvc(["stage", "list"], root, check=True).stdout.splitlines() if ln.strip()]
+    assert len([n for n in names if n.startswith("train-")]) == 109
+    assert {f"report-{p}" for p in ("cifar100", "cifar10", "imagenet")} <= set(names)
+
+
+def test_dvc_is_initialised_without_remote():
+    config = (ROOT / ".dvc" / "config").read_text()
+    assert "autostage = false" in config and "analytics = false" in config
+    assert "remote" not in config
