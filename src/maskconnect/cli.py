@@ -70,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (keys include params_train, params_test, flops)")
     p.set_defaults(func=_cmd_describe)
 
-    _register_optional(sub)
+    _register_subcommands(sub)
     return parser
 
 
-def _register_optional(sub) -> None:
-    """Subcommands that live in their own modules (each imports its heavy dependencies lazily)."""
-    from . import train_cli, track_cli
+def _register_subcommands(sub) -> None:
+    """Subcommands that live in their own modules (each imports its heavy dependencies lazily, so --help is quick)."""
+    from . import bench_cli, grid_cli, train_cli, track_cli
     from .report import add_report_arguments, run_report
 
     train_cli.register(sub)
@@ -86,16 +86,8 @@ def _register_optional(sub) -> None:
                                    "run directories (metrics.json is the source of truth).")
     add_report_arguments(p)
     p.set_defaults(func=run_report)
-    for optional in ("maskconnect.grid_cli", "maskconnect.bench_cli"):
-        import importlib
-
-        try:
-            mod = importlib.import_module(optional)
-        except ModuleNotFoundError as e:
-            if e.name != optional:
-                raise
-            continue
-        mod.register(sub)
+    grid_cli.register(sub)
+    bench_cli.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
