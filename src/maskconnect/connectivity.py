@@ -18,7 +18,7 @@ MaskConnect (ECCV 2018, section 3.3), as implemented here:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -212,23 +212,11 @@ def param_groups(
     weight_decay: float,
     mask_lr: float | None = None,
     mask_weight_decay: float = 0.0,
-    no_decay_bn: bool = False,
 ) -> list[dict]:
     """Optimiser parameter groups: weights, and the real-valued masks in a group of their own
     (their own learning rate, default the weight LR, and no weight decay). The mask group carries
     ``"name": "masks"`` so schedulers and logs can find it."""
     groups = [{"params": weight_parameters(model), "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
-    if no_decay_bn:
-        decay, no_decay = [], []
-        for mod in model.modules():
-            for p in mod.parameters(recurse=False):
-                if isinstance(mod, MaskBank):
-                    continue
-                (no_decay if isinstance(mod, nn.modules.batchnorm._BatchNorm) or p.ndim <= 1 else decay).append(p)
-        groups = [
-            {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "weights_no_decay"},
-        ]
     masks = mask_parameters(model)
     if masks:
         groups.append({"params": masks, "lr": lr if mask_lr is None else mask_lr,
@@ -261,8 +249,3 @@ def current_masks(model: nn.Module) -> Tensor | None:
 def changed_rows(before: Tensor, after: Tensor) -> int:
     """How many mask rows select a different set of sources."""
     return int((before != after).any(-1).sum())
-
-
-def iter_rows(masks: Tensor) -> Iterable[list[int]]:
-    for row in masks.reshape(-1, masks.shape[-1]):
-        yield torch.nonzero(row).flatten().tolist()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .connectivity import FixedMasks, count_weights, live_branches, mask_banks
+from .connectivity import FixedMasks, count_mask_entries, count_weights, live_branches, mask_banks
 from .models import MaskedBlock, MaskedResNeXt
 
 
@@ -82,7 +82,7 @@ def prune_report(model: nn.Module) -> dict:
         "branches_train": num_modules * model.spec.cardinality,
         "branches_test": num_modules * model.spec.cardinality,
         "branches_per_module": [model.spec.cardinality] * num_modules,
-        "masks": sum(b.binary.numel() for b in banks),
+        "masks": count_mask_entries(model),
     }
     if banks and banks[0].frozen:
         compact = prune(model)
