@@ -171,15 +171,34 @@ class MaskedBlock(nn.Module):
         return h + idt * self.identity_scale
 
 
+# Under torch.compile the mixing is written as a broadcast product summed over the source axis: the
+# compiler (inductor) turns that into one reduction kernel that also absorbs the element-wise work
+# around it (the shared last BN's normalisation, the identity share, the ReLU), so the branch
+# tensors are read once and the mixed inputs written once. Eagerly the same expression would
+# materialise an (N, n_out, n_in, ...) product, so eager mode uses one bmm instead. Set to False to
+# compile the bmm form (the benchmarks compare the two).
+FUSE_MIX_WHEN_COMPILING = True
+
+
 def mix(mask: Tensor, y: Tensor) -> Tensor:
     """Connections between modules: out_j = ReLU(sum_k mask[j, k] * y_k).
 
-    ``mask`` (n_out, n_in), ``y`` (N, n_in, C, H, W) -> (N, n_out*C, H, W). One batched matmul; the
-    mask is cast to y's dtype (exact for 0/1, so bf16 autocast is safe).
+    ``mask`` (n_out, n_in), ``y`` (N, n_in, C, H, W) -> (N, n_out*C, H, W). The mask is cast to y's
+    dtype (exact for 0/1, so bf16 autocast is safe).
     """
     batch, n_in, ch, hh, ww = y.shape
-    out = torch.matmul(mask.to(y.dtype), y.reshape(batch, n_in, ch * hh * ww))
-    return F.relu(out).reshape(batch, mask.shape[0] * ch, hh, ww)
+    n_out = mask.shape[0]
+    m = mask.to(y.dtype)
+    y3 = y.reshape(batch, n_in, ch * hh * ww)
+    if FUSE_MIX_WHEN_COMPILING and torch.compiler.is_compiling():
+        out = (m.view(1, n_out, n_in, 1) * y3.unsqueeze(1)).sum(2)
+    else:
+        # bmm with the mask broadcast by a stride-0 expand, not torch.matmul: matmul folds a 2-D @ 3-D
+        # product into one tall (N*X, n) GEMM whose backward copies y transposed; for a learned mask
+        # that made the mixing 3-6x slower on a CPU (bench/README.md). Here the mask gradient is
+        # bmm(grad, y^T) summed over the batch, with no copy.
+        out = torch.bmm(m.expand(batch, n_out, n_in), y3)
+    return F.relu(out).reshape(batch, n_out * ch, hh, ww)
 
 
 class MaskedResNeXt(_StemMixin, nn.Module):
