@@ -65,6 +65,7 @@ class Context:
     data_dir: str | None = None
     peak_tflops: float | None = None
     imagenet_batch: int | None = None
+    epoch_images: int | None = None  # datapath: images per "epoch" (default: all of CIFAR, 8 batches with --quick)
     env: dict = field(default_factory=dict)
 
     @property
@@ -370,15 +371,21 @@ def result_row(m: Measurement, **extra) -> dict:
 
 # --- records, goals, tables ------------------------------------------------------------------------
 
+CPU_CAVEAT = ("the goal is stated for a GPU; this verdict holds for this CPU (fp32, no tensor cores) and "
+              "says nothing about a GPU")
+
+
 def goal(goal_id: str, description: str, *, value: float | None, threshold: float, ctx: Context,
          measured_on: str, below: bool = False, gpu_only: bool = True, valid: bool = True,
          why_not: str | None = None) -> dict:
-    """A goal of issue 6 with its measured value and ``met`` true/false, or null where this device
-    cannot decide it (GPU goals on a CPU, a quick run on other configs than the goal names)."""
+    """A goal of issue 6 with its measured value and ``met`` true/false, or null where the run cannot
+    decide it (a run on other configs than the goal names, such as ``--quick``, or no value).
+
+    The verdict belongs to the device that measured it (``decided_on``): a GPU goal measured on a CPU
+    is decided for that CPU and carries a ``caveat`` saying so.
+    """
     met: bool | None = None
     reasons = []
-    if gpu_only and not ctx.cuda:
-        reasons.append("GPU goal: not measurable on a CPU (the value is the CPU measurement, for information only)")
     if not valid:
         reasons.append(why_not or "not measured on the configuration the goal names")
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -386,10 +393,15 @@ def goal(goal_id: str, description: str, *, value: float | None, threshold: floa
     if not reasons:
         met = bool(value < threshold) if below else bool(value >= threshold)
     why_not = "; ".join(reasons)
-    return {"id": goal_id, "description": description,
-            "target": f"{'<' if below else '>='} {threshold:g}", "threshold": threshold,
-            "value": value, "met": met, "measured_on": measured_on, "device": ctx.env.get("device_name"),
-            **({"why_null": why_not} if met is None else {})}
+    out = {"id": goal_id, "description": description,
+           "target": f"{'<' if below else '>='} {threshold:g}", "threshold": threshold,
+           "value": value, "met": met, "measured_on": measured_on, "device": ctx.env.get("device_name"),
+           "decided_on": "gpu" if ctx.cuda else "cpu"}
+    if gpu_only and not ctx.cuda:
+        out["caveat"] = CPU_CAVEAT
+    if met is None:
+        out["why_null"] = why_not
+    return out
 
 
 def make_record(ctx: Context, benchmark: str, *, batch: int | None, warmup: int, repeats: int,

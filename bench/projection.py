@@ -139,6 +139,20 @@ def project(step_seconds: dict[tuple, float], grids: dict[str, list[Run]]) -> di
     return out
 
 
+def grid_flops(grids: dict[str, list[Run]]) -> dict[str, float]:
+    """Training FLOPs of each grid at the recipe: forward FLOPs/image x 3 (forward + backward) x training
+    images x epochs, summed over runs and seeds. Device-independent: hours on any device at a sustained
+    X FLOP/s are this / X / 3600."""
+    out = {}
+    for name, runs in grids.items():
+        total = 0.0
+        for r in runs:
+            rec = RECIPE[r.layout]
+            total += flops_per_image(_config(r.cost_key)) * 3 * rec["train_images"] * rec["epochs"] * r.seeds
+        out[name] = total
+    return out
+
+
 def _cost_keys(grids: dict[str, list[Run]]) -> list[tuple]:
     keys = []
     for runs in grids.values():
@@ -209,6 +223,9 @@ def run(ctx: Context) -> Path:
                 "flops_per_image": flops_per_image(_config(k)), "source": v["source"],
                 "achieved_tflops": v.get("tflops"), "fraction_of_peak": (v["tflops"] / peak) if peak and v.get("tflops") else None}
                for k, v in measured.items()]
+    flops = grid_flops(grids)
+    for g in proj:
+        proj[g]["train_flops"] = flops[g]
     md = markdown(ctx, proj, per_key, unit, peak, peak_src, grids_source)
     md_path = Path(ctx.out) / f"projection-{ctx.env['device_kind']}.md"
     atomic_write_text(md_path, md)
@@ -224,7 +241,8 @@ def run(ctx: Context) -> Path:
                              "achieved FLOP/s = forward FLOPs/image x 3 x images/s; masked models count all branches"]
                             + (["--quick: CPU projection from {20,4,8} at a small batch, FLOPs-scaled to the other "
                                 "configs; NOT GPU-hours"] if ctx.quick else []),
-                      extra={"projection": {g: {"runs": v["runs"], "hours": v["hours"]} for g, v in proj.items()},
+                      extra={"projection": {g: {"runs": v["runs"], "hours": v["hours"], "train_flops": v["train_flops"]}
+                                            for g, v in proj.items()},
                              "per_config": per_key, "projection_by_run": {g: v["by_config"] for g, v in proj.items()},
                              "markdown": str(md_path)})
     table = [{"grid": g, "runs": v["runs"], "hours": fmt_num(v["hours"], 4), "days": fmt_num(v["hours"] / 24, 3)}
@@ -243,9 +261,13 @@ def markdown(ctx: Context, proj: dict, per_key: list[dict], unit: str, peak, pea
               "Evaluation passes and checkpoints not counted. Device-hours assume data-parallel runs (the "
               "ImageNet grid trains each run on 8 GPUs) scale perfectly: wall-clock time is hours / GPUs per run.",
               f"Grids from {grids_source}.", "",
-              f"| grid | runs | {unit} | days on one device |", "|---|---:|---:|---:|"]
+              "Training compute = forward FLOPs/image x 3 x images x epochs (masked models count every branch); "
+              "hours at a sustained X PFLOP/s = EFLOP / X / 3.6.", "",
+              f"| grid | runs | training EFLOP | {unit} | days on one device | achieved PFLOP/s (compute / time) |",
+              "|---|---:|---:|---:|---:|---:|"]
     for g, v in proj.items():
-        lines.append(f"| {g} | {v['runs']} | {v['hours']:,.1f} | {v['hours'] / 24:,.2f} |")
+        lines.append(f"| {g} | {v['runs']} | {v['train_flops'] / 1e18:,.1f} | {v['hours']:,.1f} | {v['hours'] / 24:,.2f} | "
+                     f"{v['train_flops'] / (v['hours'] * 3600) / 1e15:.3g} |")
     lines += ["", "| layout | {D,w,C} | connectivity | step s (recipe batch) | epoch s | hours/run | GFLOPs/img (fwd) | "
               "achieved TFLOP/s | of peak | source |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in per_key:

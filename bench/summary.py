@@ -36,7 +36,8 @@ def markdown(out: Path) -> str:
     for (bench, kind), rec in sorted(recs.items()):
         for g in rec.get("goals", []):
             lines.append(f"| {g['id']} | {g['target']} | {rec['device_name']}{' (quick)' if rec.get('quick') else ''} | "
-                         f"{_v(g['value'])} | {STATUS[g['met']]} | {g['measured_on']} | {rec['_path']} |")
+                         f"{_v(g['value'])} | {STATUS[g['met']]}{' (CPU verdict)' if g.get('caveat') and g['met'] is not None else ''} | "
+                         f"{g['measured_on']} | {rec['_path']} |")
     for (bench, kind), rec in sorted(recs.items()):
         rows = [r for r in rec.get("results", []) if "median" in r]
         if not rows:

@@ -26,8 +26,9 @@ bench = load_bench()  # the repository's bench/ package (puts the repository roo
 from bench.common import Context, goal, summarize  # noqa: E402
 from bench.naive import naive_forward  # noqa: E402
 from bench.projection import BUILTIN_GRIDS, RECIPE, Run, project, run_hours, steps_per_epoch, suite_grids  # noqa: E402
+from bench.workloads import Config, flops_per_image  # noqa: E402
 
-TIMED = ("throughput", "naive", "torchvision", "inference", "datapath", "projection")
+TIMED = ("throughput", "naive", "mixing", "torchvision", "inference", "datapath", "projection")
 GPU_GOALS = {"throughput": "learned_k4_vs_full_throughput", "naive": "vectorised_vs_naive",
              "torchvision": "ours_vs_torchvision_resnext50", "datapath": "datapath_overhead"}
 
@@ -82,12 +83,24 @@ def test_smoke_record_has_the_required_fields(smoke, name):
 
 
 @pytest.mark.parametrize("name", sorted(GPU_GOALS))
-def test_smoke_gpu_goals_are_null_on_cpu(smoke, name):
+def test_smoke_goals_are_undecided_on_quick_configs(smoke, name):
+    """--quick measures other configs (or inputs) than the goals name: the value is kept, no verdict."""
     rec = _record(smoke[0], name)
     goals = {g["id"]: g for g in rec["goals"]}
     g = goals[GPU_GOALS[name]]
-    assert g["met"] is None and "GPU" in g["why_null"]
+    assert g["met"] is None and "--quick" in g["why_null"]
+    assert g["decided_on"] == "cpu" and "GPU" in g["caveat"]
     assert isinstance(g["value"], float) and math.isfinite(g["value"])  # measured anyway, for information
+
+
+def test_smoke_mixing_record(smoke):
+    rec = _record(smoke[0], "mixing")
+    rows = {r["name"].split(": ", 1)[1]: r for r in rec["results"]}
+    # no --compile on a CPU: the eager variants only, and the record says why
+    assert set(rows) == {"Fixed-Full tail", "masked, matmul", "masked, bmm"}
+    assert any("--compile" in n for n in rec["notes"])
+    assert rows["Fixed-Full tail"]["time_vs_full_tail"] == 1.0
+    assert all(r["time_vs_full_tail"] > 0 for r in rows.values())
 
 
 def test_smoke_same_maths_checks(smoke):
@@ -184,6 +197,19 @@ def test_projection_arithmetic_for_a_made_up_step_time():
     assert proj["paper"]["runs"] == 109
 
 
+def test_grid_training_flops():
+    from bench.projection import grid_flops
+
+    f = grid_flops(BUILTIN_GRIDS)
+    full_20 = flops_per_image(Config("20,4,8"))
+    masked_20 = flops_per_image(Config("20,4,8", "learned", 4))
+    assert full_20 == pytest.approx(0.0849e9, rel=0.01)  # describe's count for ResNeXt {20,4,8}
+    one = grid_flops({"g": [Run("cifar100", "20,4,8", "full", 8, 2), Run("cifar100", "20,4,8", "learned", 1, 1)]})["g"]
+    assert one == pytest.approx((2 * full_20 + masked_20) * 3 * 50000 * 300)
+    assert f["paper"] == pytest.approx(f["cifar100"] + f["cifar10"] + f["imagenet"])
+    assert f["imagenet"] > f["cifar100"] > 0
+
+
 def test_builtin_grids_equal_the_suite_grids():
     """The benchmarks' fallback copy of the paper grids must not drift from maskconnect.grid."""
     try:
@@ -211,7 +237,7 @@ def test_summary_statistics_match_numpy():
         summarize([])
 
 
-def test_goal_is_decided_only_on_a_gpu():
+def test_goal_verdicts_and_their_device():
     from maskconnect.engine import Precision
 
     gpu = Context(torch.device("cuda"), Precision(torch.device("cuda")), env={"device_name": "test GPU"})
@@ -220,10 +246,15 @@ def test_goal_is_decided_only_on_a_gpu():
     assert goal("g", "", value=0.8, threshold=0.85, ctx=gpu, measured_on="x")["met"] is False
     assert goal("g", "", value=0.04, threshold=0.05, below=True, ctx=gpu, measured_on="x")["met"] is True
     assert goal("g", "", value=0.06, threshold=0.05, below=True, ctx=gpu, measured_on="x")["met"] is False
+    g = goal("g", "", value=0.9, threshold=0.85, ctx=gpu, measured_on="x")
+    assert g["decided_on"] == "gpu" and "caveat" not in g and "why_null" not in g
     g = goal("g", "", value=0.9, threshold=0.85, ctx=gpu, measured_on="x", valid=False, why_not="subset")
     assert g["met"] is None and g["why_null"] == "subset"
-    g = goal("g", "", value=0.9, threshold=0.85, ctx=cpu, measured_on="x")
-    assert g["met"] is None and "CPU" in g["why_null"] and g["value"] == 0.9
+    g = goal("g", "", value=float("nan"), threshold=0.85, ctx=gpu, measured_on="x")
+    assert g["met"] is None and "no value" in g["why_null"]
+    # a GPU goal measured on a CPU gets a verdict for that CPU, with the caveat
+    g = goal("g", "", value=0.8, threshold=0.85, ctx=cpu, measured_on="x")
+    assert g["met"] is False and g["decided_on"] == "cpu" and "says nothing about a GPU" in g["caveat"]
 
 
 # --- command line ----------------------------------------------------------------------------------

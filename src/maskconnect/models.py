@@ -171,13 +171,18 @@ class MaskedBlock(nn.Module):
         return h + idt * self.identity_scale
 
 
-# Under torch.compile the mixing is written as a broadcast product summed over the source axis: the
-# compiler (inductor) turns that into one reduction kernel that also absorbs the element-wise work
-# around it (the shared last BN's normalisation, the identity share, the ReLU), so the branch
-# tensors are read once and the mixed inputs written once. Eagerly the same expression would
-# materialise an (N, n_out, n_in, ...) product, so eager mode uses one bmm instead. Set to False to
-# compile the bmm form (the benchmarks compare the two).
-FUSE_MIX_WHEN_COMPILING = True
+# Two ways to write the mixing under torch.compile. The bmm form (default) keeps the mixing an extern
+# GEMM. The fused form writes it as a broadcast product summed over the source axis, which inductor
+# turns into one kernel with the element-wise work around it (the shared last BN's normalisation, the
+# identity share, the ReLU: tests/test_compile.py checks the fusion), so the branch tensors are read
+# once and the mixed inputs written once in the forward pass. Its backward, though, computes the mask
+# gradient as C*C separate reductions over the whole batch (each reading a pair of branch tensors)
+# where the bmm form does one GEMM. Measured on a CPU (bench/mixing.py, {20,4,8} stage-1 tail,
+# batch 8, 2 threads, fwd+bwd): eager bmm 31 ms, compiled bmm 46 ms, compiled fused 160 ms; forward
+# alone 22 / 5.1 / 5.8 ms. So the bmm form is the default until a GPU measurement
+# (``python -m bench mixing --device cuda``) says otherwise. Eager mode always uses bmm: the fused
+# expression would materialise an (N, n_out, n_in, ...) product.
+FUSE_MIX_WHEN_COMPILING = False
 
 
 def mix(mask: Tensor, y: Tensor) -> Tensor:
