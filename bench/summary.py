@@ -9,8 +9,8 @@ from pathlib import Path
 STATUS = {True: "**met**", False: "**not met**", None: "n/a"}
 
 
-def newest_records(out: Path) -> dict[tuple[str, str], dict]:
-    """The newest record per (benchmark, device kind), by creation time."""
+def newest_records(out: Path) -> dict[tuple[str, str, bool], dict]:
+    """The newest record per (benchmark, device kind, quick or not), by creation time."""
     best: dict[tuple[str, str], dict] = {}
     for p in sorted(Path(out).glob("*.json")):
         try:
@@ -19,7 +19,7 @@ def newest_records(out: Path) -> dict[tuple[str, str], dict]:
             continue
         if "benchmark" not in rec or "device_kind" not in rec:
             continue
-        key = (rec["benchmark"], rec["device_kind"])
+        key = (rec["benchmark"], rec["device_kind"], bool(rec.get("quick")))
         if key not in best or rec["created_utc"] > best[key]["created_utc"]:
             rec["_path"] = p.name
             best[key] = rec
@@ -33,12 +33,12 @@ def _v(x, digits=3) -> str:
 def markdown(out: Path) -> str:
     recs = newest_records(out)
     lines = ["| goal | target | device | measured | status | measured on | record |", "|---|---|---|---:|---|---|---|"]
-    for (bench, kind), rec in sorted(recs.items()):
+    for (bench, kind, _quick), rec in sorted(recs.items()):
         for g in rec.get("goals", []):
             lines.append(f"| {g['id']} | {g['target']} | {rec['device_name']}{' (quick)' if rec.get('quick') else ''} | "
                          f"{_v(g['value'])} | {STATUS[g['met']]}{' (CPU verdict)' if g.get('caveat') and g['met'] is not None else ''} | "
                          f"{g['measured_on']} | {rec['_path']} |")
-    for (bench, kind), rec in sorted(recs.items()):
+    for (bench, kind, _quick), rec in sorted(recs.items()):
         rows = [r for r in rec.get("results", []) if "median" in r]
         if not rows:
             continue
