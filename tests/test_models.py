@@ -35,6 +35,18 @@ def test_cifar100_params_match_paper(arch, paper, tol):
     assert abs(n - paper) / paper < tol, (arch, n, paper)
 
 
+@pytest.mark.parametrize("arch,dataset,millions", [
+    ("29,64,8", "cifar100", 34.52), ("29,8,8", "cifar100", 0.843), ("20,4,8", "cifar100", 0.273),
+    ("29,64,8", "cifar10", 34.43), ("29,8,8", "cifar10", 0.820), ("20,4,8", "cifar10", 0.250),
+])
+def test_cifar_params_are_design_md_counts(arch, dataset, millions):
+    """design.md section 1's plain counts, as literals (the paper's own numbers differ by up to 4%):
+    any change to the architecture rules shows up here, whatever the paper tolerance allows."""
+    n = count_weights(build_model(make_spec(arch, dataset=dataset)))
+    digits = 2 if millions > 10 else 3
+    assert round(n / 1e6, digits) == millions, (arch, dataset, n)
+
+
 def test_imagenet_101_4_32_params_match_paper():
     n = count_weights(build_model(make_spec("101,4,32", dataset="imagenet")))
     assert abs(n - 44.2e6) / 44.2e6 < 0.005, n  # ResNeXt-101 32x4d: 44.2M (Xie et al.)

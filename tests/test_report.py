@@ -367,7 +367,14 @@ def test_claim_verdicts_follow_the_tests(tmp_path):
     assert found[3][0].verdict == NOT_REPRODUCED and "vs K=1: inconclusive (n<2" in found[3][0].why
     assert combine([]) == (INCONCLUSIVE, "no runs test this claim")
     assert combine([found[1][0]])[0] == NOT_REPRODUCED
-    assert REPRODUCED != NOT_REPRODUCED
+    # combining rows of several models: all must reproduce; one contradiction among reproductions is mixed
+    from dataclasses import replace
+
+    yes, no = replace(found[1][0], verdict=REPRODUCED), found[1][0]
+    assert combine([yes, yes]) == (REPRODUCED, "every model tested reproduces it")
+    assert combine([yes, no]) == (INCONCLUSIVE, "mixed: 1 of 2 rows reproduce it")
+    assert combine([no, found[4][0]])[0] == NOT_REPRODUCED  # a contradiction and an inconclusive row
+    assert combine([found[4][0]])[0] == INCONCLUSIVE
 
 
 def test_live_branches_from_masks():
