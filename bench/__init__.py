@@ -14,7 +14,7 @@ run on a GPU machine that has nothing else installed.
 # Lets ``maskconnect bench`` check that the ``bench`` it imported is this package.
 MASKCONNECT_BENCH = True
 
-BENCHMARKS = ("throughput", "naive", "mixing", "torchvision", "inference", "datapath", "projection")
+BENCHMARKS = ("throughput", "naive", "mixing", "torchvision", "inference", "datapath", "projection", "memory")
 
 
 def main(argv=None, prog: str = "python -m bench") -> int:

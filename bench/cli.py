@@ -12,7 +12,8 @@ from . import BENCHMARKS
 from .common import RESULTS_DIR
 
 MODULES = {"throughput": "throughput", "naive": "naive", "mixing": "mixing", "torchvision": "tv_compare", "inference": "inference",
-           "datapath": "datapath", "projection": "projection", "cuda-check": "cuda_check"}
+           "datapath": "datapath", "projection": "projection", "cuda-check": "cuda_check",
+           "memory": "memory"}
 
 HELP = {
     "throughput": "training-step images/s and peak memory: CIFAR configs x {full, random K=4, learned K=4}, "
@@ -24,6 +25,9 @@ HELP = {
     "inference": "pruned learned K=1 vs unpruned vs Fixed-Full (eval forward)",
     "datapath": "CIFAR epoch with the device-resident loader vs the training steps alone",
     "projection": "GPU-hours per grid at the paper recipe, achieved fraction of peak FLOP/s",
+    "memory": "bytes kept for the backward pass per training image (exact: autograd's saved tensors), the "
+              "memory-saving and plain masked paths, CIFAR configs and ImageNet {50,4,32} x {full, random K, learned K}; "
+              "peak allocated memory of a training step on CUDA",
     "cuda-check": "bf16 autocast + channels_last (+ compile) vs fp32 reference outputs and gradients (CUDA)",
     "all": "every benchmark above (and cuda-check on CUDA), one tag",
     "summary": "Markdown tables (goals, headline numbers) of the newest records in --out, for the README",

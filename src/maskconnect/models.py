@@ -170,6 +170,96 @@ class MaskedBlock(nn.Module):
             idt = idt.reshape(batch, n, out_ch, hh, ww)
         return h + idt * self.identity_scale
 
+    # --- the memory-saving form (training): same maths, fewer tensors kept for the backward pass ----
+
+    def forward_saving(self, x: Tensor | None = None, y_prev: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """What ``block(mix(mask, y_prev))`` computes (or ``block(x)`` for the stem-fed module), keeping
+        for the backward pass only ``y_prev`` (the previous module's branch tensors, which the mask
+        gradient needs anyway) and the bottleneck tensors ResNeXt keeps too. The mixed input, its ReLU,
+        conv1's input, the projection shortcut and the last 1x1 conv + shared BN are recomputed from
+        them in the backward pass (``_Recompute``). BN running statistics are updated once, in the
+        forward pass.
+        """
+        n, out_ch = self.branches, self.out_ch
+        if y_prev is None:  # stem-fed: the plain head (its tensors are ResNeXt's own)
+            batch = x.shape[0]
+            h1 = self.conv1(x)
+            idt = (x if self.downsample is None else self.downsample(x)).unsqueeze(1)
+        else:
+            batch = y_prev.shape[0]
+            ds = [] if self.downsample is None else [self.downsample[0].weight, self.downsample[1].weight,
+                                                       self.downsample[1].bias]
+            h1, idt = _Recompute.apply(self._head, 2, y_prev, mask, self.conv1.weight, *ds)
+        h = F.relu(self.bn1(h1))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = _Recompute.apply(self._tail, 1, h, self.conv3.weight, self.bn3.weight, self.bn3.bias)
+        hh, ww = h.shape[-2:]
+        h = h.reshape(batch, n, out_ch, hh, ww)
+        if y_prev is not None:
+            idt = idt.reshape(batch, n, out_ch, hh, ww)
+        return h + idt * self.identity_scale
+
+    def _head(self, first: bool, y_prev: Tensor, mask: Tensor, w1: Tensor, *ds: Tensor) -> tuple[Tensor, Tensor]:
+        """x = mix(mask, y_prev); returns conv1(x) and the identity path (x, or P(x) per branch)."""
+        x = mix(mask, y_prev)
+        h1 = F.conv2d(x, w1, groups=self.branches)
+        if not ds:
+            return h1, x
+        batch, n = x.shape[0], self.branches
+        conv, bn = self.downsample
+        xb = x.reshape(batch * n, self.in_ch, x.shape[-2], x.shape[-1])
+        d = F.conv2d(xb, ds[0], stride=conv.stride)
+        return h1, _bn_apply(bn, d, ds[1], ds[2], first)
+
+    def _tail(self, first: bool, h: Tensor, w3: Tensor, g3: Tensor, b3: Tensor) -> Tensor:
+        """The last 1x1 conv and the shared last BN, on the (N*n, out, H, W) view."""
+        h = F.conv2d(h, w3, groups=self.branches)
+        batch, hh, ww = h.shape[0], h.shape[-2], h.shape[-1]
+        return _bn_apply(self.bn3, h.reshape(batch * self.branches, self.out_ch, hh, ww), g3, b3, first)
+
+
+def _bn_apply(bn: nn.BatchNorm2d, x: Tensor, weight: Tensor, bias: Tensor, first: bool) -> Tensor:
+    """``bn(x)`` with the given affine tensors. The first call (forward pass) is the module's own,
+    which updates the running statistics; the recomputation in the backward pass normalises by the
+    same batch statistics (training) or running statistics (eval) and updates nothing."""
+    if first:
+        return bn(x)
+    if bn.training:
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+
+
+class _Recompute(torch.autograd.Function):
+    """``fn(first, *inputs)`` evaluated without keeping its intermediate tensors: the backward pass
+    re-runs it with ``first=False`` (under the forward pass's autocast state) and differentiates the
+    recomputation. Only the inputs are saved. Unlike ``torch.utils.checkpoint`` the function knows
+    whether it is the first call, so BatchNorm updates its running statistics exactly once. Nothing here
+    synchronises with the host.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, n_out: int, *inputs: Tensor):
+        ctx.fn = fn
+        dev = inputs[0].device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(*inputs)
+        ctx.set_materialize_grads(False)
+        out = fn(True, *inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[2:])]
+        dev, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            out = ctx.fn(False, *inputs)
+        out = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(out, grads) if g is not None and o.requires_grad]
+        wanted = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wanted else [None] * len(wanted))
+        return (None, None, *[next(got) if t.requires_grad else None for t in inputs])
+
 
 # Two ways to write the mixing under torch.compile. The bmm form (default) keeps the mixing an extern
 # GEMM. The fused form writes it as a broadcast product summed over the source axis, which inductor
@@ -183,6 +273,13 @@ class MaskedBlock(nn.Module):
 # (``python -m bench mixing --device cuda``) says otherwise. Eager mode always uses bmm: the fused
 # expression would materialise an (N, n_out, n_in, ...) product.
 FUSE_MIX_WHEN_COMPILING = False
+
+# The memory-saving training path (MaskedBlock.forward_saving): per module, the backward pass keeps the
+# previous module's branch tensors once, instead of them, their mixture and the shared BN's input
+# (bench/README.md, ``python -m bench memory``). Same maths; ``model.save_memory = False`` gives the
+# plain autograd path (the tests compare the two). torch.compile always traces the plain path: AOT
+# autograd's partitioner makes its own choice of what to recompute.
+SAVE_MEMORY = True
 
 
 def mix(mask: Tensor, y: Tensor) -> Tensor:
@@ -238,6 +335,7 @@ class MaskedResNeXt(_StemMixin, nn.Module):
             setattr(self, f"layer{s}", nn.ModuleList(blocks))
         self.num_stages = len(spec.stages)
         self.masks = masks if masks is not None else MaskBank(num - 1, c, k, spec.connectivity, seed=spec.seed, init=spec.mask_init)
+        self.save_memory = SAVE_MEMORY
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(spec.stage_widths()[-1], spec.num_classes)
         _init_weights(self)
@@ -256,6 +354,11 @@ class MaskedResNeXt(_StemMixin, nn.Module):
         x = self._stem_forward(x)
         masks = self.masks()  # one draw per forward pass (= per training iteration)
         blocks = self.blocks()
+        if self.save_memory and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            y = blocks[0].forward_saving(x)
+            for i in range(1, len(blocks)):
+                y = blocks[i].forward_saving(y_prev=y, mask=masks[i - 1])
+            return self.fc(torch.flatten(self.avgpool(F.relu(y.sum(1))), 1))
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
             y = block(x)
