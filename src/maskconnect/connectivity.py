@@ -12,8 +12,29 @@ MaskConnect (ECCV 2018, section 3.3), as implemented here:
   (Gumbel-top-K = sampling without replacement), one draw per iteration shared by the batch;
 * forward and backward use the binary mask; the gradient w.r.t. the binary mask is applied to m~
   unchanged (straight-through, as in BinaryConnect), so unselected entries get a gradient too;
-* after each optimiser step m~ is clipped to [0, 1];
-* at the end of the joint phase the masks are frozen to the top-K entries of each row.
+* after each optimiser step m~ is brought back to its feasible set by the *mask rule* (below);
+* at the end of the joint phase the masks are frozen to the top-K entries of each row; exact ties are
+  broken by a seeded random draw (never by index) and counted.
+
+Mask rules (``--mask-rule``; design.md section 4). The paper says the real-valued row is normalised
+to sum to one to sample from it, and that m~ is clipped to [0, 1]; it does not say whether the
+normalisation is written back to m~. The rules are the readings we measured (bench/masks.py,
+bench/results/masks-*.md):
+
+* ``clip``: the literal reading. Sample from the normalised row, keep m~ unnormalised, clip it to
+  [0, 1] after each step. The straight-through gradient has a large component of the same sign across
+  a row, so whole rows drift together to a clip bound; a row at 1.0 samples uniformly and freezes by
+  ties. Kept so that the comparison can always be rerun.
+* ``centred``: subtract each row's mean from the mask gradient before the step, then clip. The step no
+  longer moves a row's sum (until entries hit a bound), so the common mode cannot saturate a row;
+  the sum stays at its initial value (C/2 for the default init), so a converged row can hold more
+  than K ones.
+* ``projected``: after each step, the Euclidean projection of every row onto
+  {m in [0, 1]^C : sum(m) = K}, the convex hull of the fan-in-K binary masks (the set the sampled
+  masks live in). It is the paper's normalisation written back, scaled to K (so entries read as
+  inclusion probabilities), with the clip to [0, 1] kept. The projection removes the gradient's
+  common mode; its vertices are exactly the K-hot rows, so a converged row is a fan-in-K mask and
+  cannot saturate (at most K entries fit at 1) or tie at the K-th place against a zero.
 """
 
 from __future__ import annotations
@@ -43,10 +64,136 @@ def sample_masks(real: Tensor, k: int, generator: torch.Generator | None = None,
     return torch.zeros_like(logp).scatter_(-1, idx, 1.0)
 
 
-def topk_masks(real: Tensor, k: int) -> Tensor:
-    """Binary masks keeping the K largest entries of each row (ties go to the lower index)."""
-    idx = torch.sort(real.detach(), dim=-1, descending=True, stable=True).indices[..., :k]
+def topk_masks(real: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Binary masks keeping the K largest entries of each row.
+
+    Exact ties at the K-th place go to the lower index, or, with a (CPU) ``generator``, to a random
+    draw: the row is visited in a random order and the sort is stable, so among equal values the
+    first visited wins. Freezing uses the random form (index order would turn saturated rows into a
+    structured wiring that nothing learned).
+    """
+    real = real.detach()
+    if generator is None:
+        idx = torch.sort(real, dim=-1, descending=True, stable=True).indices[..., :k]
+    else:
+        order = torch.rand(real.shape, generator=generator).argsort(-1).to(real.device)
+        pos = torch.sort(real.gather(-1, order), dim=-1, descending=True, stable=True).indices[..., :k]
+        idx = order.gather(-1, pos)
     return torch.zeros_like(real, dtype=torch.float32).scatter_(-1, idx, 1.0)
+
+
+def tied_rows(real: Tensor, k: int) -> Tensor:
+    """Which rows have their top-K set decided by an exact tie (K-th value == (K+1)-th value).
+
+    A row with more than K entries at the upper bound is one of them; a row that converged to K
+    entries near 1 and the rest near 0 is not."""
+    if k >= real.shape[-1]:
+        return torch.zeros(real.shape[:-1], dtype=torch.bool, device=real.device)
+    top = real.detach().topk(k + 1, dim=-1).values
+    return top[..., k - 1] == top[..., k]
+
+
+def mask_stats(real: Tensor, k: int) -> dict[str, float | int]:
+    """Per-epoch statistics of the real-valued masks (history.csv, MLflow, the report).
+
+    ``mask_entropy``: mean entropy of the normalised rows (nats; ln C is uniform); ``mask_mean``;
+    ``mask_at_0`` / ``mask_at_1``: fraction of entries exactly at each clip bound; ``mask_margin``:
+    mean gap between the K-th and (K+1)-th largest value of a row; ``mask_ties``: rows whose top-K set
+    is decided by exact ties. One host sync for all of them.
+    """
+    r = real.detach().float()
+    c = r.shape[-1]
+    if k < c:
+        top = r.topk(k + 1, dim=-1).values
+        gap = top[..., k - 1] - top[..., k]
+    else:
+        gap = torch.zeros(r.shape[:-1], device=r.device)
+    vals = torch.stack([
+        row_entropy(r).mean(), r.mean(), (r == 0).float().mean(), (r == 1).float().mean(),
+        gap.mean(), (gap == 0).float().sum() if k < c else gap.sum(),
+    ]).tolist()
+    keys = ("mask_entropy", "mask_mean", "mask_at_0", "mask_at_1", "mask_margin")
+    return {**dict(zip(keys, vals[:5])), "mask_ties": int(vals[5])}
+
+
+def project_capped_simplex(v: Tensor, k: int, iters: int = 50) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto {m in [0, 1]^C : sum(m) = k}.
+
+    The projection is clip(v - tau, 0, 1) with the row's tau chosen so the row sums to k. tau is
+    found by bisection (sum is monotone in tau; fixed iteration count, no host sync), then solved
+    exactly on the entries that end strictly inside (0, 1). Written by hand: torch has no projection
+    onto a capped simplex, and the bisection is a few vectorised ops.
+    """
+    c = v.shape[-1]
+    if k >= c:
+        return torch.ones_like(v)
+    lo = v.amin(-1, keepdim=True) - 1.0     # every entry clips to 1: sum = C >= k
+    hi = v.amax(-1, keepdim=True)           # every entry clips to 0: sum = 0 <= k
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        big = (v - mid).clamp(0.0, 1.0).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    tau = (lo + hi) / 2
+    d = v - tau
+    free = (d > 0) & (d < 1)
+    n_free = free.sum(-1, keepdim=True)
+    n_one = (d >= 1).sum(-1, keepdim=True)
+    exact = ((v * free).sum(-1, keepdim=True) - (k - n_one)) / n_free.clamp(min=1)
+    tau = torch.where(n_free > 0, exact, tau)
+    return (v - tau).clamp(0.0, 1.0)
+
+
+class MaskRule:
+    """How the real-valued masks are updated around the optimiser step (see the module docstring).
+
+    ``before_step`` edits the mask gradient (after backward, after any DDP all-reduce), and
+    ``after_step`` puts the masks back into their feasible set. Both act on unfrozen banks only and
+    never synchronise with the host.
+    """
+
+    def __init__(self, name: str, centre_gradient: bool, project: bool, summary: str):
+        self.name, self.centre_gradient, self.project, self.summary = name, centre_gradient, project, summary
+
+    @torch.no_grad()
+    def before_step(self, banks: Sequence["MaskBank"]) -> None:
+        if self.centre_gradient:
+            for b in _learning(banks):
+                g = b.real.grad
+                if g is not None:
+                    g.sub_(g.mean(-1, keepdim=True))
+
+    @torch.no_grad()
+    def after_step(self, banks: Sequence["MaskBank"]) -> None:
+        for b in _learning(banks):
+            if self.project:
+                b.real.copy_(project_capped_simplex(b.real, b.fan_in))
+            else:
+                b.real.clamp_(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return f"MaskRule({self.name!r})"
+
+
+def _learning(banks: Sequence["MaskBank"]) -> list["MaskBank"]:
+    return [b for b in banks if b.real is not None and not b.frozen]
+
+
+MASK_RULES: dict[str, MaskRule] = {
+    "clip": MaskRule("clip", False, False, "the literal reading: sample from the normalised row, clip m~ to [0, 1]"),
+    "centred": MaskRule("centred", True, False, "subtract the row mean from the mask gradient, then clip to [0, 1]"),
+    "projected": MaskRule("projected", False, True,
+                          "project each row onto {m in [0,1]^C : sum m = K}, the hull of the fan-in-K masks"),
+}
+# Decided by measurement (bench/results/masks-*.md, docs/mask_rules.md), not by reading.
+DEFAULT_MASK_RULE = "projected"
+
+
+def mask_rule(name: str) -> MaskRule:
+    from .errors import ConfigError
+
+    if name not in MASK_RULES:
+        raise ConfigError("mask_rule", name, f"one of {', '.join(MASK_RULES)}")
+    return MASK_RULES[name]
 
 
 def random_masks(num_masks: int, cardinality: int, k: int, seed: int) -> Tensor:
@@ -112,6 +259,7 @@ class MaskBank(nn.Module):
             self.register_buffer("binary", random_masks(num_masks, cardinality, fan_in, seed))
             self.frozen = True
         self.last_sample: Tensor | None = None  # the most recent training draw (for statistics)
+        self.tied_at_freeze: int | None = None  # rows whose top-K set an exact tie decided at freezing
 
     @property
     def num_masks(self) -> int:
@@ -133,12 +281,18 @@ class MaskBank(nn.Module):
             self.real.clamp_(0.0, 1.0)
 
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Fix the masks to the top-K entries of each real-valued row; no more sampling."""
+    def freeze(self, generator: torch.Generator | None = None) -> int:
+        """Fix the masks to the top-K entries of each real-valued row; no more sampling.
+
+        Exact ties are broken by ``generator`` (a seeded CPU generator; index order without one).
+        Returns, and remembers in ``tied_at_freeze``, how many rows a tie decided.
+        """
         if self.real is not None and not self.frozen:
-            self.binary.copy_(topk_masks(self.real, self.fan_in))
+            self.binary.copy_(topk_masks(self.real, self.fan_in, generator=generator))
             self.real.requires_grad_(False)
+            self.tied_at_freeze = int(tied_rows(self.real, self.fan_in).sum())
         self.frozen = True
+        return self.tied_at_freeze or 0
 
     def current(self) -> Tensor:
         """The binary masks evaluation would use now (top-K if learned and not yet frozen)."""
@@ -153,10 +307,11 @@ class MaskBank(nn.Module):
 
     # The frozen flag is part of the state dict, so a checkpoint restores it.
     def get_extra_state(self):
-        return {"frozen": self.frozen}
+        return {"frozen": self.frozen, "tied_at_freeze": self.tied_at_freeze}
 
     def set_extra_state(self, state) -> None:
         self.frozen = bool(state["frozen"])
+        self.tied_at_freeze = state.get("tied_at_freeze")
         if self.frozen and self.real is not None:
             self.real.requires_grad_(False)
 
@@ -225,15 +380,18 @@ def param_groups(
 
 
 def clip_masks(model: nn.Module) -> None:
-    """Clip every real-valued mask to [0, 1] (after each optimiser step)."""
+    """Clip every real-valued mask to [0, 1] (the ``clip`` rule's step; kept for library users)."""
     for b in mask_banks(model):
         b.clip_()
 
 
-def freeze_masks(model: nn.Module) -> None:
-    """Freeze every learned mask to its top-K entries."""
-    for b in mask_banks(model):
-        b.freeze()
+def freeze_masks(model: nn.Module, seed: int | None = None) -> int:
+    """Freeze every learned mask to its top-K entries; returns the number of rows decided by ties.
+
+    With ``seed``, exact ties are broken by a random draw from that seed (the training loop passes the
+    run's seed); without, by index."""
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed) + 0x5EED)
+    return sum(b.freeze(generator=gen) for b in mask_banks(model))
 
 
 def masks_frozen(model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .connectivity import MaskBank, mask_banks
+from .connectivity import DEFAULT_MASK_RULE, MaskBank, MaskRule, mask_banks, mask_rule
 
 
 @dataclass
@@ -26,11 +26,22 @@ class Precision:
     channels_last: bool = False
 
     @classmethod
-    def for_device(cls, device: str | torch.device, *, amp: bool = True, channels_last: bool = True) -> "Precision":
+    def for_device(cls, device: str | torch.device, *, amp: bool | None = None,
+                   channels_last: bool | None = None) -> "Precision":
+        """``amp`` (bf16 autocast) and ``channels_last``: None is the device's default, on for CUDA and
+        off for the CPU (fp32, NCHW: bit-reproducible, resumable). Given explicitly, they take effect
+        on either device: the CPU runs bf16 autocast and channels_last too, which is how the CUDA
+        precision path is tested without a GPU."""
         device = torch.device(device)
-        if device.type == "cuda":
-            return cls(device, torch.bfloat16 if amp else None, channels_last)
-        return cls(device, None, False)  # CPU: fp32, NCHW (bit-reproducible, resumable)
+        cuda = device.type == "cuda"
+        amp = cuda if amp is None else bool(amp)
+        channels_last = cuda if channels_last is None else bool(channels_last)
+        return cls(device, torch.bfloat16 if amp else None, channels_last)
+
+    def describe(self) -> dict:
+        """What a run records (metrics.json): the autocast dtype (None: fp32, no autocast) and the memory format."""
+        return {"autocast_dtype": None if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
+                "memory_format": "channels_last" if self.channels_last else "contiguous"}
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -69,22 +80,25 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
                precision: Precision, *, label_smoothing: float = 0.0,
-               banks: list[MaskBank] | None = None) -> tuple[Tensor, Tensor]:
-    """One SGD iteration: forward (one mask draw), backward, step, clip the real-valued masks.
+               banks: list[MaskBank] | None = None, rule: MaskRule | str = DEFAULT_MASK_RULE) -> tuple[Tensor, Tensor]:
+    """One SGD iteration: forward (one mask draw), backward, step, with the mask ``rule`` around the
+    step (connectivity.MASK_RULES: e.g. centre the mask gradient, then clip or project the masks).
 
-    ``banks``: the mask banks to clip (pass the unfrozen ones, computed once; None looks them up).
+    ``banks``: the unfrozen mask banks (computed once per epoch by the caller; None looks them up).
     Returns (loss, number of correct predictions) as device tensors (no host sync).
     """
     if banks is None:
         banks = [b for b in mask_banks(model) if not b.frozen]
+    if isinstance(rule, str):
+        rule = mask_rule(rule)
     with precision.autocast():
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    rule.before_step(banks)
     optimizer.step()
-    for bank in banks:
-        bank.clip_()
+    rule.after_step(banks)
     correct = (logits.detach().argmax(1) == y).sum()
     return loss.detach(), correct
 

@@ -47,7 +47,7 @@ SETTINGS_DEFAULTS = {"recipe": "demo", "device": "auto", "gpus": 0, "threads": 1
 TRAIN_OPTIONS = {
     "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "lr_reference_batch": "--lr-reference-batch",
     "momentum": "--momentum", "weight_decay": "--weight-decay", "milestones": "--milestones",
-    "freeze_epoch": "--freeze-epoch", "mask_lr": "--mask-lr", "mask_init": "--mask-init",
+    "freeze_epoch": "--freeze-epoch", "mask_lr": "--mask-lr", "mask_init": "--mask-init", "mask_rule": "--mask-rule",
     "stage_width": "--stage-width", "workers": "--workers", "amp": "--amp",
 }
 

@@ -25,7 +25,8 @@ import torch
 
 from . import __version__
 from .connectivity import (
-    changed_rows, current_masks, freeze_masks, live_branches, mask_banks, masks_frozen, param_groups,
+    DEFAULT_MASK_RULE, changed_rows, current_masks, freeze_masks, live_branches, mask_banks, mask_rule,
+    mask_stats, masks_frozen, param_groups,
 )
 from .engine import Precision, evaluate, resolve_device, train_step
 from .errors import ConfigError, RunDirError, TrainingDiverged
@@ -64,11 +65,12 @@ class TrainConfig:
     mask_lr: float | None = None            # default: the weight LR and its schedule
     mask_momentum: float = 0.0
     mask_init: float = 0.5
+    mask_rule: str = DEFAULT_MASK_RULE      # how the real-valued masks are updated (connectivity.MASK_RULES)
     freeze_epoch: int | None = None         # default: the first LR drop
     stage_width: int | None = None
     augment: bool = True
-    amp: bool = True                        # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True              # on CUDA (ignored on CPU)
+    amp: bool | None = None                 # bf16 autocast; None: the device's default (CUDA on, CPU off)
+    channels_last: bool | None = None       # channels_last tensors; None: the device's default (CUDA on, CPU off)
     compile: bool = False
     data_dir: str | None = None
     device: str = "auto"
@@ -123,11 +125,15 @@ class TrainConfig:
             raise ConfigError("workers", c.workers, "an integer >= 0")
         if not isinstance(c.synthetic, dict):
             raise ConfigError("synthetic", c.synthetic, 'a JSON object, e.g. {"train_size": 512, "image_size": 32}')
-        for flag in ("nesterov", "augment", "amp", "channels_last", "compile", "track"):
+        for flag in ("nesterov", "augment", "compile", "track"):
             if not isinstance(getattr(c, flag), bool):
                 raise ConfigError(flag, getattr(c, flag), "true or false")
+        for flag in ("amp", "channels_last"):
+            if getattr(c, flag) is not None and not isinstance(getattr(c, flag), bool):
+                raise ConfigError(flag, getattr(c, flag), "true, false or null (the device's default)")
         if not isinstance(c.mask_init, (int, float)) or isinstance(c.mask_init, bool):
             raise ConfigError("mask_init", c.mask_init, "a number in (0, 1]")
+        mask_rule(c.mask_rule)  # raises ConfigError naming the allowed rules
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
         c.fan_in = spec.fan_in
         if c.freeze_epoch is None:
@@ -159,7 +165,8 @@ def _positive(name: str, v) -> None:
 
 
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "mask_lr", "train_loss", "train_top1", "test_loss", "test_top1",
-                   "test_top5", "mask_entropy", "mask_changed", "epoch_time_s"]
+                   "test_top5", "mask_entropy", "mask_changed", "mask_mean", "mask_at_0", "mask_at_1", "mask_margin",
+                   "mask_ties", "epoch_time_s"]
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -330,35 +337,20 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
 
     torch.manual_seed(cfg.seed)  # initial weights (and, later, the mask draws) come from the seed
     model = precision.prepare_model(build_model(spec))
-    global_batch = cfg.batch_size * dist.world
-    lr = cfg.lr * global_batch / cfg.lr_reference_batch  # linear scaling rule (Goyal et al. 2017)
-    groups = param_groups(model, lr=lr, weight_decay=cfg.weight_decay, mask_lr=cfg.mask_lr)
-    for g in groups:
-        if g["name"] == "masks":
-            g["momentum"] = cfg.mask_momentum
-    optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+    optimizer, scheduler = _optimizer(cfg, model, dist.world)
+    rule = mask_rule(cfg.mask_rule)
+    learned = spec.connectivity == "learned"
 
     history: list[dict] = []
     best = {"top1": -1.0, "top5": None, "epoch": 0}
     start_epoch, wall = 0, 0.0
     if state == "resume":
-        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
-        ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-        if ck.get("world", 1) != dist.world:
-            raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
-                              "the global batch and LR would change; resume with the same number of processes")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"], device)
-        history, best, start_epoch, wall = ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"]
+        history, best, start_epoch, wall = _resume(out, model, optimizer, scheduler, dist, device)
+    else:
+        rule.after_step(mask_banks(model))  # start inside the rule's feasible set (projected: on the hull)
         if dist.main:
-            _write_history(out / "history.csv", history)  # a kill may have left it one epoch ahead
-            print(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", asdict(cfg))
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "config.json", asdict(cfg))
 
     def wrap(model):
         # DDP registers the parameters that need gradients when it is built: re-wrap after freezing
@@ -368,62 +360,42 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         return torch.compile(model) if cfg.compile else model
 
     step_model = wrap(model)
-
-    tracker = None
-    if dist.main and cfg.track:
-        tracker = _start_tracker(cfg, out, spec, device)
-
+    tracker = _start_tracker(cfg, out, spec, device) if dist.main and cfg.track else None
     progress = _Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main)
-    learned = spec.connectivity == "learned"
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         if learned and epoch >= cfg.freeze_epoch and not masks_frozen(model):
-            freeze_masks(model)  # the joint phase ends: masks fixed to top-K, weights fine-tuned
+            _freeze(model, cfg, warn=dist.main)  # the joint phase ends: masks fixed to top-K, weights fine-tuned
             step_model = wrap(model)
         phase = "fixed" if not learned else ("finetune" if masks_frozen(model) else "joint")
-        before = current_masks(model)
-        banks = [b for b in mask_banks(model) if not b.frozen]  # what the step clips
+        before = current_masks(model) if learned else None
+        banks = [b for b in mask_banks(model) if not b.frozen]  # what the rule updates
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         progress.start_epoch(epoch + 1)
         for x, y in data.train_batches(epoch):
-            x = precision.prepare_input(x)
-            loss, c = train_step(step_model, optimizer, x, y, precision, label_smoothing=cfg.label_smoothing, banks=banks)
+            loss, c = train_step(step_model, optimizer, precision.prepare_input(x), y, precision,
+                                 label_smoothing=cfg.label_smoothing, banks=banks, rule=rule)
             loss_sum += loss * y.shape[0]
             correct += c
             seen += y.shape[0]
             progress.step()
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         scheduler.step()
-        if dist.world > 1:
-            stats = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
-            torch.distributed.all_reduce(stats)
-            loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
-        train_loss = float(loss_sum) / max(seen, 1)
+        train_loss, train_top1 = _epoch_means(loss_sum, correct, seen, dist, device)
         # the test loss too: the epoch's last step may have broken the weights after the last train loss
         ev = evaluate(model, data.test_batches(), precision, data.info.num_classes) if math.isfinite(train_loss) else None
         if ev is None or not math.isfinite(ev["test_loss"]):
-            which = "training" if ev is None else "test"
-            bad = train_loss if ev is None else ev["test_loss"]
-            last = f"the last good checkpoint (after epoch {epoch}) is kept in {out / 'checkpoint.pt'}" if epoch else "no checkpoint was written"
             if tracker:
                 tracker.finish({}, [], status="FAILED")
             _cleanup_distributed(dist)
-            raise TrainingDiverged(f"{which} loss became {bad} in epoch {epoch + 1}; {last}. "
-                                   "Lower --lr or check the data.")
-        after = current_masks(model)
-        bank = mask_banks(model)
-        row = {
-            "epoch": epoch + 1, "phase": phase, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
-            "train_loss": train_loss, "train_top1": 100.0 * float(correct) / max(seen, 1),
-            **ev,
-            "mask_entropy": bank[0].entropy() if bank and learned else None,
-            "mask_changed": changed_rows(before, after) if before is not None and learned else None,
-            "epoch_time_s": time.perf_counter() - t0,
-        }
+            raise _diverged(train_loss, ev, epoch, out)
+        row = {"epoch": epoch + 1, "phase": phase, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
+               "train_loss": train_loss, "train_top1": train_top1, **ev, **_mask_columns(model, before),
+               "epoch_time_s": time.perf_counter() - t0}
         history.append(row)
         if ev["test_top1"] > best["top1"]:
             best = {"top1": ev["test_top1"], "top5": ev["test_top5"], "epoch": epoch + 1}
@@ -454,6 +426,74 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
     return metrics
 
 
+def _optimizer(cfg: TrainConfig, model, world: int):
+    """SGD over the weights and (learned) the real-valued masks in their own group, and the LR schedule."""
+    lr = cfg.lr * cfg.batch_size * world / cfg.lr_reference_batch  # linear scaling rule (Goyal et al. 2017)
+    groups = param_groups(model, lr=lr, weight_decay=cfg.weight_decay, mask_lr=cfg.mask_lr)
+    for g in groups:
+        if g["name"] == "masks":
+            g["momentum"] = cfg.mask_momentum
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+
+
+def _resume(out: Path, model, optimizer, scheduler, dist: Distributed, device: torch.device):
+    """Load the checkpoint into model, optimiser, scheduler and the RNG; returns (history, best, epoch, wall)."""
+    # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if ck.get("world", 1) != dist.world:
+        raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
+                          "the global batch and LR would change; resume with the same number of processes")
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    _set_rng_state(ck["rng"], device)
+    if dist.main:
+        _write_history(out / "history.csv", ck["history"])  # a kill may have left it one epoch ahead
+        print(f"{out}: resuming after epoch {ck['epoch']}/{ck['config']['epochs']}", file=sys.stderr)
+    return ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"]
+
+
+def _epoch_means(loss_sum, correct, seen: int, dist: Distributed, device: torch.device) -> tuple[float, float]:
+    """Mean training loss and top-1 (%) of the epoch, over every process."""
+    if dist.world > 1:
+        stats = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)])
+        torch.distributed.all_reduce(stats)
+        loss_sum, correct, seen = stats[0], stats[1], int(stats[2])
+    return float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
+
+
+def _diverged(train_loss: float, ev: dict | None, epoch: int, out: Path) -> TrainingDiverged:
+    which = "training" if ev is None else "test"
+    bad = train_loss if ev is None else ev["test_loss"]
+    last = f"the last good checkpoint (after epoch {epoch}) is kept in {out / 'checkpoint.pt'}" if epoch else "no checkpoint was written"
+    return TrainingDiverged(f"{which} loss became {bad} in epoch {epoch + 1}; {last}. Lower --lr or check the data.")
+
+
+def _mask_columns(model, before) -> dict:
+    """The mask columns of a history row: statistics of the real-valued masks and the rows whose
+    top-K set changed this epoch (learned runs; empty otherwise)."""
+    bank = next((b for b in mask_banks(model) if b.real is not None), None)
+    if bank is None:
+        return {}
+    return {**mask_stats(bank.real, bank.fan_in), "mask_changed": changed_rows(before, current_masks(model))}
+
+
+def _freeze(model, cfg: TrainConfig, warn: bool = True) -> int:
+    """Freeze the learned masks (exact ties broken by a draw from the run's seed) and warn when rows
+    were saturated or tied: such rows were not decided by what the masks learned."""
+    bank = mask_banks(model)[0]
+    stats = mask_stats(bank.real, bank.fan_in)
+    ties = freeze_masks(model, seed=cfg.seed)
+    rows = bank.real.shape[0] * bank.real.shape[1]
+    if warn and (ties or stats["mask_at_1"] > 0.5 or stats["mask_at_0"] == 1.0):
+        print(f"warning: freezing masks with mask rule {cfg.mask_rule!r}: {ties} of {rows} rows were decided by exact "
+              f"ties (broken at random from seed {cfg.seed}); {stats['mask_at_1']:.0%} of entries at 1.0, "
+              f"{stats['mask_at_0']:.0%} at 0.0. Saturated rows sample uniformly and learn nothing "
+              f"(docs/mask_rules.md).", file=sys.stderr, flush=True)
+    return ties
+
+
 def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], best: dict, wall: float,
                device: torch.device, out: Path) -> dict:
     """Freeze, save masks and the pruned model, write metrics.json (last: its presence = complete)."""
@@ -462,7 +502,7 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
 
     model.eval()
     if spec.connectivity == "learned" and not masks_frozen(model):
-        freeze_masks(model)
+        _freeze(model, cfg)
     report = prune_report(model)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     flops = count_flops(model, shape)
@@ -489,10 +529,23 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
         "params_train": report["params_train"], "params_test": report["params_test"], "masks": report["masks"],
         "branches_test": report["branches_test"], "flops": flops, "flops_test": flops_test,
         "epochs": cfg.epochs, "wall_time_s": round(wall, 3), "device": _device_name(device),
+        **Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last).describe(),
+        **_mask_metrics(model, cfg, spec),
         "config": asdict(cfg), "versions": versions(), "git_commit": _git_commit(),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:
+    """metrics.json's mask fields (learned runs): the rule, the rows decided by ties at freezing, and
+    the final statistics of the real-valued masks (connectivity.mask_stats)."""
+    if spec.connectivity != "learned":
+        return {}
+    bank = mask_banks(model)[0]
+    stats = mask_stats(bank.real, bank.fan_in)
+    return {"mask_rule": cfg.mask_rule, "mask_tied_rows": bank.tied_at_freeze or 0,
+            "mask_rows": bank.real.shape[0] * bank.real.shape[1], **{f"final_{k}": v for k, v in stats.items()}}
 
 
 def _start_tracker(cfg: TrainConfig, out: Path, spec: ModelSpec, device: torch.device):

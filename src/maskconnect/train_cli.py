@@ -50,6 +50,10 @@ def register(sub) -> None:
                    help="epoch after which learned masks are frozen to top-K (default: the first LR drop)")
     g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks (default: the weight LR and schedule)")
     g.add_argument("--mask-init", dest="mask_init", type=float, help="initial value of the real-valued masks (default 0.5)")
+    g.add_argument("--mask-rule", dest="mask_rule", metavar="NAME",
+                   help="how the real-valued masks are updated: projected (default: rows projected onto "
+                        "{m in [0,1]^C, sum m = K}), centred (row-centred gradient, then clip) or clip (the "
+                        "literal reading: clip to [0,1]); see docs/mask_rules.md")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field (JSON values), repeatable")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory")
@@ -57,7 +61,10 @@ def register(sub) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, help="DataLoader workers (ImageNet)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (CUDA)")
-    g.add_argument("--amp", type=_bool, help="bf16 autocast on CUDA (default true)")
+    g.add_argument("--amp", type=_bool, nargs="?", const=True, metavar="BOOL",
+                   help="bf16 autocast (default: on for CUDA, off for the CPU; given, it applies on either)")
+    g.add_argument("--channels-last", dest="channels_last", type=_bool, nargs="?", const=True, metavar="BOOL",
+                   help="channels_last memory format (default: on for CUDA, off for the CPU; given, it applies on either)")
     g.add_argument("--experiment", help="MLflow experiment (default maskconnect/<dataset>)")
     g.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
     g.add_argument("--no-track", dest="track", action="store_false", default=None, help="do not log to MLflow")

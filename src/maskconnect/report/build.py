@@ -38,6 +38,9 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
         draw(f"Training curves: {ds}, {{{arch}}}", figures.plot_history, g,
              fig_dir / f"curves_{_slug(ds, arch)}", title=f"{ds}, {{{arch}}}")
         learned = g[g["connectivity"] == "learned"]
+        if len(learned):
+            draw(f"Mask dynamics: {ds}, {{{arch}}} (Learned runs)", figures.plot_mask_dynamics, g,
+                 fig_dir / f"mask_dynamics_{_slug(ds, arch)}", title=f"Mask dynamics: {ds}, {{{arch}}}")
         for k, gk in learned.groupby("fan_in"):
             best = gk.sort_values(["top1", "seed"], ascending=[False, True])
             with_masks = [r for r in best.itertuples() if (Path(r.path) / "masks.json").is_file()]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from .dynamics import dynamics_markdown
 from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_datasets, paper_stats
 from .runs import KEY, run_id_of
 from .stats import ALPHA, WelchResult, t_interval, welch
@@ -336,6 +337,7 @@ def report_document(*, source: str, n_runs: int, grids: dict, skipped: list, mis
             lines += ["No complete run yet.", ""]
         for ds in dict.fromkeys(runs["dataset"]):
             lines.append(claims_markdown(runs, ds, level=base))
+            lines.append(dynamics_markdown(runs, ds, level=base))
         if part["tables"]:
             lines += ["#" * base + " Tables", ""]
             for table, paths in part["tables"]:

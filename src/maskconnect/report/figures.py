@@ -219,3 +219,44 @@ def plot_history(runs: pd.DataFrame, out_base, title: str = "") -> list[Path]:
         if title:
             ax1.set_title(title, fontsize=10)
         return save_figure(fig, out_base)
+
+
+# ---- (d) mask dynamics ------------------------------------------------------------------------------
+
+MASK_PANELS = (("mask_entropy", "entropy / ln C"), ("mask_changed", "rows whose top-K changed"),
+               ("mask_at_1", "fraction of entries at 1.0"), ("mask_at_0", "fraction of entries at 0.0"),
+               ("mask_margin", "margin K-th - (K+1)-th"), ("mask_ties", "rows tied at the K-th place"))
+
+
+def plot_mask_dynamics(runs: pd.DataFrame, out_base, title: str = "") -> list[Path]:
+    """What the real-valued masks did, per epoch, one line per Learned run (colour: K): normalised row
+    entropy, rows whose top-K set changed, the fractions of entries at each clip bound, the mean gap
+    between the K-th and (K+1)-th value, and rows tied at the K-th place (saturation). The dotted line
+    marks the freezing. Returns [] when no Learned run has the mask columns."""
+    h = _histories(runs[runs["connectivity"] == "learned"])
+    if h.empty or not all(c in h for c in (p for p, _ in MASK_PANELS)):
+        return []
+    for col, _ in MASK_PANELS:
+        h[col] = pd.to_numeric(h[col], errors="coerce")
+    card = runs["cardinality"].dropna()
+    h["mask_entropy"] = h["mask_entropy"] / np.log(float(card.iloc[0]) if len(card) else 8.0)
+    h = h.dropna(subset=["mask_entropy"])
+    if h.empty:
+        return []
+    with _style():
+        fig = Figure(figsize=(8.5, 6.4))
+        axes = fig.subplots(3, 2, sharex=True).ravel()
+        order = list(dict.fromkeys(h.sort_values("config")["config"]))
+        palette = dict(zip(order, sns.color_palette("viridis", len(order))))
+        for i, (ax, (col, label)) in enumerate(zip(axes, MASK_PANELS)):
+            sns.lineplot(data=h, x="epoch", y=col, hue="config", units="seed", estimator=None, hue_order=order,
+                         palette=palette, lw=0.9, ax=ax, legend=i == 0)
+            ax.set_ylabel(label, fontsize=8)
+            frozen = h[h["phase"] == "finetune"].groupby(["config", "seed"])["epoch"].min() if "phase" in h else []
+            if len(frozen):
+                ax.axvline(float(frozen.median()) - 0.5, color="#555555", ls=":", lw=1)
+        if axes[0].get_legend() is not None:
+            axes[0].legend(fontsize=7, title=None)
+        if title:
+            fig.suptitle(title, fontsize=10)
+        return save_figure(fig, out_base)

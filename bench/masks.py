@@ -1,0 +1,330 @@
+"""Mask-rule measurements (issue 10): which update rule really learns connectivity.
+
+Two parts, each for every rule in ``maskconnect.connectivity.MASK_RULES``:
+
+* ``planted``: connectivity where the right answer is known. In every module that a mask reads
+  (modules 1 .. L-1), a fixed, seeded subset of the branches is made useless: its output is replaced
+  by something that carries no information about the image, so reading it can only hurt. Two
+  constructions, so that no rule is tuned to one of them:
+
+  - ``shuffle``: the branch's own output, permuted across the batch (same statistics, wrong image);
+  - ``noise``: Gaussian noise with the branch output's per-channel mean and std (detached).
+
+  The last module feeds the output node (every branch is read), so it is left clean. For each rule
+  and seed we record the fraction of frozen mask ones that land on clean sources (chance = the clean
+  fraction), test top-1 of Learned and of Fixed-Random at the same K (same seeds, same planted
+  branches), Welch's t-test between them (scipy), and the saturation statistics at freezing.
+
+* ``schedule``: digits {20,4,8}, learned, through the suite's own ``train()``: the issue's run
+  (mask LR 1.0, 30 epochs, freezing at 15) and the paper-length equivalent. The paper's CIFAR joint
+  phase is 150 epochs x 391 steps = 58,650 mask steps at LR 0.1, a summed mask LR of 5,865. The
+  common-mode drift that saturates ``clip`` grows with the summed LR (steps x LR x mean gradient),
+  so the digits run with 15 x 23 = 345 joint steps reaches the paper's summed LR at mask LR 17.
+  (Its per-step noise is larger than the paper's, which makes this a harder test, not an easier one.)
+  We record the per-epoch mask statistics and the collapse criteria of the issue: rows tied at the
+  K-th place (more than K entries at 1.0 included), mean row entropy against 0.97 ln C, rows decided
+  by ties at freezing.
+
+Everything runs on the CPU, one thread per run, runs in parallel processes (``--jobs``).
+
+    PYTHONPATH=src python -m bench masks                      # both parts (about 20 CPU minutes)
+    PYTHONPATH=src python -m bench masks --part planted --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_SUMMED_MASK_LR = 150 * math.ceil(50000 / 128) * 0.1  # CIFAR joint phase at the paper's LR
+
+
+def paper_equivalent_mask_lr(joint_steps: int) -> float:
+    """The mask LR that gives ``joint_steps`` the paper's summed mask LR (150 epochs x 391 steps x 0.1)."""
+    return round(PAPER_SUMMED_MASK_LR / joint_steps, 2)
+
+
+@dataclass(frozen=True)
+class PlantedRun:
+    construction: str
+    connectivity: str   # learned | random
+    rule: str           # the mask rule (learned), "-" for random
+    seed: int
+    fan_in: int = 2
+    noisy: int = 3      # useless branches per module (of C = 8): chance of a clean source 5/8
+    epochs: int = 30
+    mask_lr: float | None = None  # None: the paper's summed mask LR over this run's joint phase
+    stage_width: int = 16
+    batch: int = 64
+
+
+def planted_sources(num_masks: int, cardinality: int, noisy: int, seed: int):
+    """(num_masks, C) bool: True for the useless branches of modules 1 .. L-1 (seeded, per module)."""
+    import torch
+
+    g = torch.Generator().manual_seed(10_000 + seed)
+    keys = torch.rand(num_masks, cardinality, generator=g)
+    idx = keys.argsort(-1)[:, :noisy]
+    return torch.zeros(num_masks, cardinality, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def _plant(model, useless, construction: str) -> None:
+    """Forward hooks that make the planted branches' outputs useless (in training and evaluation)."""
+    import torch
+
+    blocks = model.blocks()
+    for i, block in enumerate(blocks[:-1]):
+        sel = useless[i].nonzero().flatten()
+
+        def hook(_mod, _inp, y, sel=sel):
+            y = y.clone()
+            part = y[:, sel]
+            if construction == "shuffle":
+                part = part[torch.randperm(y.shape[0], device=y.device)]
+            else:  # noise: same per-channel mean and std, no information about the image
+                mu = part.detach().mean(dim=(0, 3, 4), keepdim=True)
+                sd = part.detach().std(dim=(0, 3, 4), keepdim=True)
+                part = torch.randn_like(part) * sd + mu
+            y[:, sel] = part
+            return y
+
+        block.register_forward_hook(hook)
+
+
+def run_planted(r: PlantedRun) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from maskconnect.connectivity import freeze_masks, mask_banks, mask_rule, mask_stats, param_groups
+    from maskconnect.data import build_data
+    from maskconnect.engine import Precision, evaluate, train_step
+    from maskconnect.models import build_model
+    from maskconnect.specs import make_spec
+
+    t0 = time.perf_counter()
+    spec = make_spec("20,4,8", dataset="digits", connectivity=r.connectivity, fan_in=r.fan_in, seed=r.seed,
+                     stage_width=r.stage_width, num_classes=10)
+    torch.manual_seed(r.seed)
+    model = build_model(spec)
+    bank = mask_banks(model)[0]
+    useless = planted_sources(bank.num_masks, spec.cardinality, r.noisy, r.seed)
+    _plant(model, useless, r.construction)
+    data = build_data("digits", batch_size=r.batch, eval_batch_size=512, device=torch.device("cpu"), seed=r.seed)
+    precision = Precision.for_device("cpu")
+    rule = mask_rule(r.rule if r.connectivity == "learned" else "clip")
+    mask_lr = r.mask_lr or paper_equivalent_mask_lr(r.epochs // 2 * data.steps_per_epoch())
+    opt = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=5e-4, mask_lr=mask_lr), lr=0.1, momentum=0.9,
+                          weight_decay=5e-4)
+    for g in opt.param_groups:
+        if g["name"] == "masks":
+            g["momentum"] = 0.0
+    freeze_at, drops = r.epochs // 2, [r.epochs // 2, (3 * r.epochs) // 4]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
+    rule.after_step(mask_banks(model))
+    at_freeze, ties = None, 0
+    for epoch in range(r.epochs):
+        if r.connectivity == "learned" and epoch == freeze_at:
+            at_freeze = mask_stats(bank.real, bank.fan_in)
+            ties = freeze_masks(model, seed=r.seed)
+        banks = [b for b in mask_banks(model) if not b.frozen]
+        model.train()
+        for x, y in data.train_batches(epoch):
+            train_step(model, opt, x, y, precision, banks=banks, rule=rule)
+        sched.step()
+    ev = evaluate(model, data.test_batches(), precision, 10)
+    masks = bank.binary
+    on_clean = float((masks * (~useless).float().unsqueeze(1)).sum() / masks.sum())
+    return {**r.__dict__, "mask_lr": mask_lr, "top1": ev["test_top1"], "on_clean": on_clean, "clean_fraction": 1 - r.noisy / spec.cardinality,
+            "ties_at_freeze": ties, "stats_at_freeze": at_freeze, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@dataclass(frozen=True)
+class ScheduleRun:
+    rule: str
+    mask_lr: float
+    label: str
+    seed: int = 0
+    fan_in: int = 2
+    epochs: int = 30
+
+
+def run_schedule(r: ScheduleRun) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from maskconnect.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=r.fan_in, seed=r.seed,
+                          recipe="demo", epochs=r.epochs, mask_lr=r.mask_lr, mask_rule=r.rule, out=f"{tmp}/run",
+                          device="cpu", track=False, progress="none")
+        metrics = train(cfg)
+        import csv
+
+        with open(f"{tmp}/run/history.csv") as f:
+            history = list(csv.DictReader(f))
+    keep = ("epoch", "phase", "test_top1", "mask_entropy", "mask_changed", "mask_mean", "mask_at_0", "mask_at_1",
+            "mask_margin", "mask_ties")
+    history = [{k: (float(h[k]) if k != "phase" else h[k]) for k in keep} for h in history]
+    joint = [h for h in history if h["phase"] == "joint"]
+    last = joint[-1]
+    return {**r.__dict__, "summed_mask_lr": r.mask_lr * len(joint) * 23, "top1": metrics["top1"],
+            "rows": metrics["mask_rows"], "tied_at_freeze": metrics["mask_tied_rows"],
+            "end_of_joint": last, "history": history, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _pool(fn, jobs: list, workers: int) -> list:
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    with ProcessPoolExecutor(workers) as ex:
+        return list(ex.map(fn, jobs))
+
+
+def planted(args) -> dict:
+    from scipy import stats
+
+    from maskconnect.connectivity import MASK_RULES
+
+    seeds = range(args.seeds)
+    epochs = 4 if args.quick else args.planted_epochs
+    runs = [PlantedRun(c, "learned", rule, s, epochs=epochs) for c in args.constructions for rule in MASK_RULES for s in seeds]
+    runs += [PlantedRun(c, "random", "-", s, epochs=epochs) for c in args.constructions for s in seeds]
+    res = _pool(run_planted, runs, args.jobs)
+    summary = []
+    for c in args.constructions:
+        rnd = [x["top1"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
+        rnd_clean = [x["on_clean"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
+        for rule in MASK_RULES:
+            xs = [x for x in res if x["construction"] == c and x["rule"] == rule]
+            top = [x["top1"] for x in xs]
+            t = stats.ttest_ind(top, rnd, equal_var=False) if len(top) > 1 else None
+            summary.append({
+                "construction": c, "rule": rule, "seeds": len(xs),
+                "on_clean_mean": _mean([x["on_clean"] for x in xs]), "random_on_clean_mean": _mean(rnd_clean),
+                "chance": xs[0]["clean_fraction"], "learned_top1_mean": _mean(top), "random_top1_mean": _mean(rnd),
+                "welch_t": None if t is None else float(t.statistic), "welch_p_two_sided": None if t is None else float(t.pvalue),
+                "learned_beats_random": bool(t is not None and t.statistic > 0 and t.pvalue < 0.05),
+                "ties_at_freeze_total": sum(x["ties_at_freeze"] for x in xs),
+                "at_1_at_freeze_mean": _mean([x["stats_at_freeze"]["mask_at_1"] for x in xs]),
+                "at_0_at_freeze_mean": _mean([x["stats_at_freeze"]["mask_at_0"] for x in xs]),
+                "entropy_at_freeze_mean": _mean([x["stats_at_freeze"]["mask_entropy"] for x in xs]),
+            })
+    return {"runs": res, "summary": summary}
+
+
+def schedule(args) -> dict:
+    from maskconnect.connectivity import MASK_RULES
+
+    paper_lr = paper_equivalent_mask_lr(15 * 23)
+    epochs = 4 if args.quick else 30
+    runs = [ScheduleRun(rule, 1.0, "issue: mask LR 1.0, 30 epochs", epochs=epochs) for rule in MASK_RULES]
+    if not args.quick:
+        runs += [ScheduleRun(rule, paper_lr, f"paper-length: mask LR {paper_lr} (summed LR {PAPER_SUMMED_MASK_LR:.0f})")
+                 for rule in MASK_RULES]
+    res = _pool(run_schedule, runs, args.jobs)
+    ln_c = math.log(8)
+    for x in res:
+        e = x["end_of_joint"]
+        x["verdict"] = {
+            "collapsed_rows_fraction": e["mask_ties"] / x["rows"], "collapsed_below_5pct": e["mask_ties"] / x["rows"] < 0.05,
+            "entropy_ratio": e["mask_entropy"] / ln_c, "entropy_below_0.97_lnC": e["mask_entropy"] < 0.97 * ln_c,
+            "no_ties_at_freeze": x["tied_at_freeze"] == 0,
+        }
+    return {"runs": res}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(x, d=3):
+    return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
+
+
+def markdown(rec: dict) -> str:
+    lines = [f"# Mask rules: {rec['tag']}", "", f"Machine: {rec['machine']}; torch {rec['torch']}; "
+             f"{rec['wall_s']:.0f} s wall. Command: `{rec['command']}`.", ""]
+    if "planted" in rec:
+        p = rec["planted"]
+        r0 = p["runs"][0]
+        lines += ["## Planted connectivity", "",
+                  f"digits {{20,4,8}} (stage width {r0['stage_width']}), K = {r0['fan_in']}, {r0['noisy']} of 8 branches "
+                  f"useless in modules 1..L-1, {r0['epochs']} epochs (masks frozen at {r0['epochs'] // 2}), mask LR "
+                  f"{r0['mask_lr']} (the paper's summed mask LR {PAPER_SUMMED_MASK_LR:.0f} over the joint phase), batch {r0['batch']}. On clean: fraction of frozen mask ones on clean sources "
+                  "(chance = clean fraction). Welch: Learned vs Fixed-Random top-1 (two-sided).", "",
+                  "| construction | rule | seeds | on clean | chance | random on clean | learned top-1 | random top-1 | Welch t | p | ties at freeze | at 1.0 | at 0.0 | entropy |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in p["summary"]:
+            lines.append(f"| {s['construction']} | {s['rule']} | {s['seeds']} | {_fmt(s['on_clean_mean'])} | {_fmt(s['chance'], 2)} | "
+                         f"{_fmt(s['random_on_clean_mean'])} | {_fmt(s['learned_top1_mean'], 2)} | {_fmt(s['random_top1_mean'], 2)} | "
+                         f"{_fmt(s['welch_t'], 2)} | {_fmt(s['welch_p_two_sided'], 4)} | {s['ties_at_freeze_total']} | "
+                         f"{_fmt(s['at_1_at_freeze_mean'])} | {_fmt(s['at_0_at_freeze_mean'])} | {_fmt(s['entropy_at_freeze_mean'])} |")
+        lines.append("")
+    if "schedule" in rec:
+        lines += ["## Long schedule (digits {20,4,8}, learned K=2, seed 0, `train()`)", "",
+                  "Statistics at the end of the joint phase. Collapsed: rows tied at the K-th place (more than K "
+                  "entries at 1.0 included). Goal (default rule, mask LR 1.0): collapsed < 5%, entropy < 0.97 ln C, "
+                  "no ties at freezing.", "",
+                  "| run | rule | summed mask LR | collapsed rows | entropy / ln C | at 1.0 | at 0.0 | mean | margin | changed (last joint epoch) | ties at freeze | top-1 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for x in rec["schedule"]["runs"]:
+            e, v = x["end_of_joint"], x["verdict"]
+            lines.append(f"| {x['label']} | {x['rule']} | {x['summed_mask_lr']:.0f} | {v['collapsed_rows_fraction']:.1%} | "
+                         f"{v['entropy_ratio']:.3f} | {e['mask_at_1']:.3f} | {e['mask_at_0']:.3f} | {e['mask_mean']:.3f} | "
+                         f"{e['mask_margin']:.3f} | {e['mask_changed']:.0f} | {x['tied_at_freeze']} | {x['top1']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench masks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["planted", "schedule", "all"], default="all")
+    p.add_argument("--seeds", type=int, default=4, help="planted: seeds per rule (default 4)")
+    p.add_argument("--planted-epochs", type=int, default=30, dest="planted_epochs",
+                   help="planted: epochs (default 30; masks frozen at half, mask LR = the paper's summed LR over the joint phase)")
+    p.add_argument("--constructions", nargs="+", default=["shuffle", "noise"], choices=["shuffle", "noise"])
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.planted_epochs < 2 or args.jobs < 1:
+        p.error("--seeds, --jobs must be >= 1 and --planted-epochs >= 2")
+    import torch
+
+    t0 = time.perf_counter()
+    tag = args.tag or ("quick" if args.quick else time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    rec = {"benchmark": "masks", "tag": tag, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+           "torch": torch.__version__, "python": platform.python_version(), "command": "python -m bench masks " + " ".join(argv or sys.argv[1:])}
+    if args.part in ("planted", "all"):
+        rec["planted"] = planted(args)
+    if args.part in ("schedule", "all"):
+        rec["schedule"] = schedule(args)
+    rec["wall_s"] = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    from maskconnect.io import atomic_write_json, atomic_write_text
+
+    path = args.out / f"masks-{args.part}-{tag}.json"
+    atomic_write_json(path, rec)
+    md = markdown(rec)
+    atomic_write_text(path.with_suffix(".md"), md + "\n")
+    print(md)
+    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

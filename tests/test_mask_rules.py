@@ -1,0 +1,263 @@
+"""Mask update rules, mask statistics, seeded tie-breaking at freezing, the identity share and the
+initial gamma of the shared last BN, and the mask columns of history.csv (issue 10).
+
+References here are computed from the definitions (design.md sections 3-4), never read back from the
+attributes of the code under test.
+"""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize, stats
+
+from maskconnect.cli import main
+from maskconnect.connectivity import (
+    MASK_RULES, MaskBank, freeze_masks, mask_banks, mask_rule, mask_stats, project_capped_simplex, tied_rows,
+    topk_masks,
+)
+from maskconnect.errors import ConfigError
+from maskconnect.models import MaskedResNeXt, build_model
+from maskconnect.specs import make_spec
+
+SMALL = dict(dataset="synthetic", stage_width=8, num_classes=5, image_size=8)
+
+
+def _bank(rows=(3, 6, 6), k=2, rule_init=None, seed=0):
+    torch.manual_seed(seed)
+    b = MaskBank(rows[0], rows[1], k, "learned")
+    with torch.no_grad():
+        b.real.copy_(torch.rand(rows) if rule_init is None else rule_init)
+    return b
+
+
+# --- the rules --------------------------------------------------------------------------------------
+
+def test_unknown_rule_is_a_config_error():
+    with pytest.raises(ConfigError, match="mask_rule.*clip.*centred.*projected"):
+        mask_rule("softmax")
+
+
+def test_clip_rule_clips_and_leaves_gradient_alone():
+    b = _bank()
+    b.real.grad = torch.randn_like(b.real)
+    g = b.real.grad.clone()
+    with torch.no_grad():
+        b.real.mul_(3).sub_(1)  # entries in [-1, 2]
+    raw = b.real.detach().clone()
+    MASK_RULES["clip"].before_step([b])
+    assert torch.equal(b.real.grad, g)
+    MASK_RULES["clip"].after_step([b])
+    assert torch.equal(b.real, raw.clamp(0, 1))
+
+
+def test_centred_rule_removes_row_mean_and_keeps_row_sums_inside_bounds():
+    b = _bank()
+    with torch.no_grad():
+        b.real.mul_(0.5).add_(0.25)  # entries in [0.25, 0.75]: no bound reached by a small step
+    b.real.grad = torch.randn_like(b.real) * 0.01 + 0.05  # a large common mode, as measured
+    sums = b.real.detach().sum(-1).clone()
+    opt = torch.optim.SGD([b.real], lr=1.0)
+    rule = MASK_RULES["centred"]
+    rule.before_step([b])
+    assert torch.allclose(b.real.grad.sum(-1), torch.zeros(3, 6), atol=1e-6)
+    opt.step()
+    rule.after_step([b])
+    assert torch.allclose(b.real.sum(-1), sums, atol=1e-5)  # the common mode moved nothing
+    assert b.real.min() >= 0 and b.real.max() <= 1
+
+
+def _reference_projection(v: np.ndarray, k: int) -> np.ndarray:
+    """argmin ||m - v||^2 over m in [0,1]^C, sum m = k: an independent solver (scipy SLSQP)."""
+    res = optimize.minimize(lambda m: float(((m - v) ** 2).sum()), np.full_like(v, k / len(v)),
+                            jac=lambda m: 2 * (m - v), bounds=[(0, 1)] * len(v),
+                            constraints=[{"type": "eq", "fun": lambda m: m.sum() - k}], method="SLSQP",
+                            options={"ftol": 1e-12, "maxiter": 500})
+    assert res.success
+    return res.x
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_projection_matches_an_independent_solver(k):
+    g = torch.Generator().manual_seed(k)
+    v = torch.randn(12, 8, generator=g, dtype=torch.float64) * 0.7 + 0.3
+    p = project_capped_simplex(v, k)
+    for row, got in zip(v.numpy(), p.numpy()):
+        np.testing.assert_allclose(got, _reference_projection(row, k), atol=1e-5)
+
+
+def test_projected_rule_invariants():
+    k = 3
+    b = _bank(rows=(4, 8, 8), k=k)
+    rule = MASK_RULES["projected"]
+    rule.after_step([b])
+    r = b.real.detach().clone()
+    assert torch.allclose(r.sum(-1), torch.full((4, 8), float(k)), atol=1e-5)   # rows on the hull: sum K
+    assert r.min() >= 0 and r.max() <= 1
+    rule.after_step([b])
+    assert torch.allclose(b.real, r, atol=1e-6)                                   # idempotent
+    # the common mode is removed: adding a constant to a row projects to the same point
+    shifted = project_capped_simplex(r + 0.37, k)
+    assert torch.allclose(shifted, r, atol=1e-5)
+    # K-hot rows (the vertices of the hull) are fixed points, and at most K entries fit at 1.0
+    hot = topk_masks(torch.rand(4, 8, 8), k)
+    assert torch.equal(project_capped_simplex(hot, k), hot)
+    assert int((project_capped_simplex(torch.rand(4, 8, 8) * 5, k) == 1).sum(-1).max()) <= k
+
+
+def test_projected_rule_cannot_tie_at_the_kth_place_against_zero():
+    # a row pushed hard towards few sources: K entries at 1 and the rest at 0, never K+1 at 1
+    v = torch.tensor([[5.0, 4.0, 3.0, -2.0, -3.0, -1.0]])
+    p = project_capped_simplex(v, 2)
+    assert torch.equal(p, torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert not tied_rows(p, 2).any()
+
+
+@pytest.mark.parametrize("name", sorted(MASK_RULES))
+def test_rules_leave_frozen_and_random_banks_alone(name):
+    learned = _bank()
+    learned.freeze()
+    before = learned.real.detach().clone()
+    rnd = MaskBank(3, 6, 2, "random", seed=0)
+    binary = rnd.binary.clone()
+    MASK_RULES[name].before_step([learned, rnd])
+    MASK_RULES[name].after_step([learned, rnd])
+    assert torch.equal(learned.real, before) and torch.equal(rnd.binary, binary)
+
+
+# --- statistics and ties ----------------------------------------------------------------------------
+
+def test_mask_stats_on_a_hand_made_bank():
+    real = torch.tensor([[[1.0, 1.0, 1.0, 0.0],      # K=2: three at 1 -> decided by a tie
+                          [0.9, 0.6, 0.2, 0.0],      # margin 0.4
+                          [0.5, 0.5, 0.5, 0.5]]])    # uniform: a tie, entropy ln 4
+    s = mask_stats(real, 2)
+    assert s["mask_ties"] == 2
+    assert s["mask_at_1"] == pytest.approx(3 / 12) and s["mask_at_0"] == pytest.approx(2 / 12)
+    assert s["mask_mean"] == pytest.approx(float(real.mean()))
+    assert s["mask_margin"] == pytest.approx((0.0 + 0.4 + 0.0) / 3)
+    p = np.array([0.9, 0.6, 0.2, 1e-6]) / (1.7 + 1e-6)
+    h = (math.log(3) + float(-(p * np.log(p)).sum()) + math.log(4)) / 3
+    assert s["mask_entropy"] == pytest.approx(h, rel=1e-5)
+
+
+def test_freeze_breaks_exact_ties_with_a_seeded_draw_and_counts_them():
+    rows, c, k = 400, 8, 2
+    real = torch.full((1, rows, c), 0.5)          # every row saturated: all tied
+    masks = []
+    for seed in (3, 3, 4):
+        b = MaskBank(1, c, k, "learned")  # then given 400 rows of C sources
+        b.real = torch.nn.Parameter(real.clone())
+        b.binary = torch.zeros(1, rows, c)
+        assert b.freeze(generator=torch.Generator().manual_seed(seed)) == rows
+        assert b.tied_at_freeze == rows
+        masks.append(b.binary.clone())
+    assert torch.equal(masks[0], masks[1])        # same seed, same draw
+    assert not torch.equal(masks[0], masks[2])    # another seed, another draw
+    assert (masks[0].sum(-1) == k).all()
+    # not by index: every source is chosen about equally often (chi-square, 400 rows x 2)
+    counts = masks[0][0].sum(0).numpy()
+    assert stats.chisquare(counts).pvalue > 0.001, counts
+    assert counts[0] < rows                       # index order would pick source 0 in every row
+
+
+def test_freeze_without_ties_is_plain_topk_and_reports_zero():
+    spec = make_spec("20,2,4", connectivity="learned", fan_in=2, **SMALL)
+    model = build_model(spec)
+    with torch.no_grad():
+        mask_banks(model)[0].real.copy_(torch.rand_like(mask_banks(model)[0].real))
+    real = mask_banks(model)[0].real.detach().clone()
+    assert freeze_masks(model, seed=0) == 0
+    assert torch.equal(mask_banks(model)[0].binary, topk_masks(real, 2))
+
+
+def test_tie_count_survives_a_checkpoint():
+    spec = make_spec("20,2,4", connectivity="learned", fan_in=2, **SMALL)
+    a, b = build_model(spec), build_model(spec)
+    assert freeze_masks(a, seed=1) == mask_banks(a)[0].real.shape[0] * 4  # init 0.5 everywhere: all tied
+    b.load_state_dict(a.state_dict())
+    assert mask_banks(b)[0].frozen and mask_banks(b)[0].tied_at_freeze == mask_banks(a)[0].tied_at_freeze
+
+
+# --- the model's identity share and initial scale -----------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_identity_share_is_one_over_k_into_masks_and_one_over_c_into_the_output(k):
+    """With every residual function zeroed (conv3 = 0, shared BN3 beta = 0), a module's branch outputs
+    are its identity paths times the share; read through a module output with hooks."""
+    c = 4
+    spec = make_spec("20,2,4", connectivity="random", fan_in=k, **SMALL)
+    model = MaskedResNeXt(spec).eval()
+    seen = []
+    for blk in model.blocks():
+        torch.nn.init.zeros_(blk.conv3.weight)
+        torch.nn.init.zeros_(blk.bn3.bias)
+        blk.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+    model(torch.randn(3, 3, 8, 8))
+    last = len(seen) - 1
+    for i, (blk, x, y) in enumerate(seen):
+        if blk.downsample is not None:
+            continue  # a projection: P is a conv, not the identity
+        share = 1.0 / c if i == last else 1.0 / k
+        if i == 0:  # fed by the stem: every branch reads the same input
+            expect = x.unsqueeze(1).expand(-1, c, -1, -1, -1) * share
+        else:
+            expect = x.reshape(x.shape[0], c, -1, *x.shape[-2:]) * share
+        torch.testing.assert_close(y, expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_initial_gamma_of_the_shared_last_bn(k):
+    c = 8
+    spec = make_spec("20,2,8", connectivity="learned", fan_in=k, **SMALL)
+    blocks = MaskedResNeXt(spec).blocks()
+    for i, blk in enumerate(blocks):
+        fan = c if i == len(blocks) - 1 else k   # the output node sums all C branches
+        assert torch.allclose(blk.bn3.weight, torch.full_like(blk.bn3.weight, 1 / math.sqrt(fan)))
+
+
+# --- the training loop's mask columns ---------------------------------------------------------------
+
+NEW_COLUMNS = ("mask_mean", "mask_at_0", "mask_at_1", "mask_margin", "mask_ties")
+
+
+@pytest.mark.parametrize("rule", ["projected", "clip"])
+def test_history_has_the_mask_columns_and_metrics_count_ties(tmp_path, rule, capsys):
+    out = tmp_path / rule
+    code = main(["train", "--dataset", "digits", "--arch", "11,2,4", "--stage-width", "8", "--connectivity", "learned",
+                 "--fan-in", "2", "--epochs", "3", "--freeze-epoch", "2", "--mask-lr", "20", "--mask-rule", rule,
+                 "--out", str(out), "--no-track", "--progress", "none"])
+    assert code == 0
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in NEW_COLUMNS + ("mask_entropy", "mask_changed"):
+        assert all(r[col] != "" for r in rows), col
+    # the last row describes the final real-valued masks: recompute from masks.json by hand
+    real = torch.tensor(json.loads((out / "masks.json").read_text())["real"])
+    srt = real.sort(-1, descending=True).values
+    last = rows[-1]
+    assert float(last["mask_mean"]) == pytest.approx(float(real.mean()), abs=1e-5)
+    assert float(last["mask_at_1"]) == pytest.approx(float((real == 1).float().mean()), abs=1e-6)
+    assert float(last["mask_at_0"]) == pytest.approx(float((real == 0).float().mean()), abs=1e-6)
+    assert float(last["mask_margin"]) == pytest.approx(float((srt[..., 1] - srt[..., 2]).mean()), abs=1e-5)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["mask_rule"] == rule and m["mask_tied_rows"] == int(last["mask_ties"])
+    assert m["mask_rows"] == real.shape[0] * real.shape[1]
+    if rule == "projected":
+        assert torch.allclose(real.sum(-1), torch.full(real.shape[:2], 2.0), atol=1e-4)
+        assert m["mask_tied_rows"] == 0
+    else:  # mask LR 20 under clip: rows saturate, ties decide, and the log says so
+        assert float(last["mask_at_1"]) > 0.2 and m["mask_tied_rows"] > 0
+        assert "decided by exact ties" in capsys.readouterr().err
+
+
+def test_bad_mask_rule_exits_2_naming_the_field(tmp_path, capsys):
+    code = main(["train", "--dataset", "digits", "--arch", "11,2,4", "--connectivity", "learned", "--fan-in", "2",
+                 "--mask-rule", "softmax", "--out", str(tmp_path / "r"), "--no-track"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mask_rule" in err and "softmax" in err and "projected" in err
+    assert not (tmp_path / "r").exists()
