@@ -1,0 +1,126 @@
+"""The conda env of the pipeline rules (pipelines/envs/*.yaml) installs what CI tests, and nothing else.
+
+CI and scripts/setup.sh install the suite with pip under requirements/constraints.txt. The env files
+let conda provide only the interpreter and pip, and install the suite with pip under the same
+constraints file: so they cannot name a version of their own. These tests prove it (no conda, no
+network needed): every package an env file names agrees with the constraints, the constraints file
+the env points to is the project's (from the env file's folder and from Snakemake's copy of it), and
+every package the suite's install pulls in is pinned there.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+ENV_FILES = sorted((ROOT / "pipelines" / "envs").glob("*.yaml"))
+# conda-forge names of packages whose PyPI name differs
+CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib", "pytorch-cpu": "torch", "pytorch-gpu": "torch"}
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line).groups()
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _conda_spec(dep: str) -> tuple[str, str | None]:
+    """'name', 'name=1.2', 'name==1.2.3', 'name 1.2.*' -> (name, version or None)."""
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(?:(?:==?|\s)\s*([0-9][A-Za-z0-9_.+!*\-]*))?(?:=\S+)?\s*", dep)
+    assert m, f"cannot read the conda dependency {dep!r}"
+    return m.group(1), m.group(2)
+
+
+def _env(path: Path) -> tuple[list[str], list[str]]:
+    env = yaml.safe_load(path.read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)]
+    assert len(pip) == 1 and list(pip[0]) == ["pip"], pip
+    return conda, pip[0]["pip"]
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_names_no_version_the_constraints_do_not(path):
+    pins = _constraints()
+    conda, pip = _env(path)
+    for dep in conda:
+        name, version = _conda_spec(dep)
+        pypi = canonicalize_name(CONDA_TO_PYPI.get(name, name))
+        if pypi in pins:  # a package CI tests: the env must not pick its version
+            assert version is not None and (version == pins[pypi] or pins[pypi].startswith(version.rstrip(".*") + ".")), \
+                f"{path.name}: conda {dep!r} but requirements/constraints.txt pins {pypi}=={pins[pypi]}"
+    # our policy: conda provides only the interpreter and pip, so there is nothing left to agree on
+    assert sorted(_conda_spec(d)[0] for d in conda) == ["pip", "python"], conda
+    for line in pip:
+        if line.startswith("-"):
+            continue
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        if name in pins:
+            assert req.specifier.contains(pins[name]), f"{path.name}: pip {line!r} excludes {name}=={pins[name]}"
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_installs_the_suite_under_the_constraints_ci_uses(path):
+    _, pip = _env(path)
+    constraints = [ln.split(None, 1)[1] for ln in pip if ln.startswith("-c ")]
+    suite = [ln.split(None, 1)[1] for ln in pip if ln.startswith("-e ")]
+    assert len(constraints) == 1 and len(suite) == 1, pip
+    target, extras = re.fullmatch(r"([^\[]+)(?:\[([^\]]*)\])?", suite[0]).groups()
+    assert set(extras.split(",")) >= {"report", "track"}  # what the rules' commands import
+    # conda writes the pip lines to a requirements file in the env file's folder and runs pip there;
+    # Snakemake first copies the env file to .snakemake/conda/<hash>.yaml. Both must reach the project.
+    for base in (path.parent, ROOT / ".snakemake" / "conda"):
+        assert (base / constraints[0]).resolve() == CONSTRAINTS.resolve(), (base, constraints[0])
+        assert (base / target).resolve() == ROOT, (base, target)
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_python_is_one_the_suite_supports(path):
+    conda, _ = _env(path)
+    version = dict(_conda_spec(d) for d in conda)["python"]
+    assert version is not None, "python must be pinned (at least to a minor version)"
+    requires = SpecifierSet(metadata.metadata("maskconnect")["Requires-Python"])
+    assert Version(version.rstrip(".*")) in requires, (version, str(requires))
+
+
+def test_every_package_the_env_installs_is_pinned_in_the_constraints():
+    """Walk the installed requirement tree of maskconnect[report,track] (what the env's pip line
+    installs): every distribution in it must be pinned, so pip has no version left to choose."""
+    pins = _constraints()
+    seen: set[str] = set()
+    missing: set[str] = set()
+    todo = [("maskconnect", frozenset({"report", "track"}))]
+    while todo:
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if (key, extras) in seen:
+            continue
+        seen.add((key, extras))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # not installed here (a marker excluded it on this platform)
+        if key != "maskconnect" and key not in pins:
+            missing.add(key)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append((req.name, frozenset(req.extras)))
+    assert len({k for k, _ in seen}) > 30  # torch, mlflow and the report stack pull in many
+    assert not missing, f"not pinned in requirements/constraints.txt: {sorted(missing)}"
