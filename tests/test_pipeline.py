@@ -102,6 +102,7 @@ def shell_commands(output: str) -> list[str]:
         if line.startswith("Shell command: ") and not line.endswith(": None"):
             cmd = line[len("Shell command: "):].strip()
             cmd = re.sub(r"\s+>\s*\S+\s+2>&1$", "", cmd)  # > {log} 2>&1
+            cmd = re.sub(r"\s+2>&1\s+\|\s+tee -a \S+\s+>\s*\S+$", "", cmd)  # 2>&1 | tee -a {attempts} > {log}
             cmd = re.sub(r"\s+2>\s*\S+$", "", cmd)        # ... > {output} 2> {log}
             cmds.append(cmd)
     return cmds
@@ -369,7 +370,9 @@ def test_slurm_profile():
     prof = _parse_profile(ROOT / "profiles/slurm/config.yaml",
                           {"MASKCONNECT_SLURM_PARTITION": "a100", "MASKCONNECT_SLURM_ACCOUNT": "proj"})
     assert prof["executor"] == "slurm"
-    assert "slurm_partition=a100" in prof["default-resources"] and "slurm_account=proj" in prof["default-resources"]
+    assert "slurm_account=proj" in prof["default-resources"]
+    # the partition is chosen per job by the rules (maskconnect.slurm), not one for all jobs
+    assert not any(r.startswith("slurm_partition") for r in prof["default-resources"])
     assert "resources" not in prof  # SLURM, not a local count, decides how many GPU jobs run
     prof = _parse_profile(ROOT / "profiles/slurm/config.yaml", {"MASKCONNECT_SLURM_PARTITION": "gpu"})
     assert not any(r.startswith("slurm_account") for r in prof["default-resources"])

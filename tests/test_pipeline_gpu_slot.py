@@ -115,3 +115,75 @@ def test_cli_is_registered():
 
     args = build_parser().parse_args(["gpu-slot", "--gpus", "2", "--", "echo", "hi"])
     assert args.gpus == 2 and args.cmd[-2:] == ["echo", "hi"]
+
+
+# ---- inside a SLURM job: only the job's own GPUs ------------------------------------------------------
+
+def test_visible_gpus_in_a_slurm_job_are_its_allocation(monkeypatch):
+    import shutil
+
+    # a node with 8 GPUs (nvidia-smi would list them all): a SLURM job may only use its own
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(gpu_slot.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout="".join(f"{i}\n" for i in range(8))))
+    assert gpu_slot.visible_gpus({}) == [str(i) for i in range(8)]  # outside SLURM: every GPU listed
+    assert gpu_slot.visible_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,5"}) == ["2", "5"]
+    assert gpu_slot.visible_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "0-2,6"}) == ["0", "1", "2", "6"]
+    # the step's GPUs win over the job's; CUDA_VISIBLE_DEVICES (set by SLURM) over both
+    assert gpu_slot.visible_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,5", "SLURM_STEP_GPUS": "5"}) == ["5"]
+    assert gpu_slot.visible_gpus({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,5", "CUDA_VISIBLE_DEVICES": "0"}) == ["0"]
+    assert gpu_slot.visible_gpus({"SLURM_JOB_ID": "7"}) == []  # no GPU allocated: none, not the node's 8
+
+
+def test_slurm_job_without_gpus_is_refused(tmp_path):
+    env = _env(tmp_path, SLURM_JOB_ID="42")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS"):
+        env.pop(k, None)
+    out = _slot(["--gpus", "1", "--", *PRINT_CVD], env)
+    assert out.returncode == 2 and "SLURM job 42 was allocated 0" in out.stderr, out.stderr
+    assert not list(tmp_path.glob("*.lock"))  # no GPU of the node was locked
+    env["SLURM_JOB_GPUS"] = "3"
+    out = _slot(["--gpus", "2", "--", *PRINT_CVD], env)
+    assert out.returncode == 2 and "2 GPU(s) asked for, but SLURM job 42 was allocated 1 (3" in out.stderr
+
+
+def test_slurm_job_gpus_used_when_cuda_visible_devices_is_unset(tmp_path):
+    env = _env(tmp_path, SLURM_JOB_ID="42", SLURM_JOB_GPUS="3,6")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    held, fds = gpu_slot.acquire(1, ["3"], tmp_path)  # another job's lock on this node does not matter
+    out = _slot(["--gpus", "2", "--", *PRINT_CVD], env)
+    assert out.returncode == 0 and out.stdout.strip() == "3,6", out.stderr
+    os.close(fds[0])
+
+
+def test_jobs_sharing_one_slurm_allocation_get_distinct_gpus(tmp_path):
+    env = _env(tmp_path, SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="0,1")
+    other, fds = gpu_slot.acquire(1, ["0"], tmp_path)  # a lock outside this job's folder: ignored
+    slow = subprocess.Popen([sys.executable, "-m", "maskconnect.gpu_slot", "--gpus", "1", "--", sys.executable, "-c",
+                             "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(30)"],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = slow.stdout.readline().strip()
+        second = _slot(["--gpus", "1", "--", *PRINT_CVD], env).stdout.strip()
+        assert {first, second} == {"0", "1"}
+        assert (tmp_path / "slurm-42").is_dir()
+        blocked = _slot(["--gpus", "2", "--timeout", "0.5", "--", *PRINT_CVD], env)  # one is held
+        assert blocked.returncode == 2 and "no 2 free GPU" in blocked.stderr
+    finally:
+        slow.kill()
+        slow.wait()
+        os.close(fds[0])
+
+
+# ---- SLURM partitions (profiles/slurm) ------------------------------------------------------------------
+
+def test_partition_by_gpus():
+    from maskconnect import slurm
+
+    env = {"MASKCONNECT_SLURM_PARTITION": "a100", "MASKCONNECT_SLURM_CPU_PARTITION": "standard"}
+    assert slurm.partition(1, env) == "a100" and slurm.partition(8, env) == "a100"
+    assert slurm.partition(0, env) == "standard"
+    assert slurm.partition(1, {}) == "gpu"  # the documented default
+    assert slurm.partition(0, {}) == ""  # the cluster's default partition, never the GPU one
+    assert slurm.partition(0, {"MASKCONNECT_SLURM_PARTITION": "a100"}) == ""

@@ -12,6 +12,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from maskconnect import grid as G  # noqa: E402
+from maskconnect import slurm as S  # noqa: E402
 from maskconnect.errors import ConfigError  # noqa: E402
 
 # Validate the configuration, then the grid file, before any job starts. A bad grid stops here
@@ -45,6 +46,23 @@ def run_file(name):
 
 def grid_run_files(part, names):
     return [f"{r.run_dir}/{n}" for r in GRID.runs_of(part) for n in names]
+
+
+def slurm_partition(gpus):
+    """SLURM partition of a job with `gpus` GPUs (profiles/slurm): $MASKCONNECT_SLURM_PARTITION for
+    GPU jobs, $MASKCONNECT_SLURM_CPU_PARTITION (else the cluster's default) for the others."""
+    return S.partition(gpus)
+
+
+def runtime_of(run, attempt):
+    """Time limit in minutes: the grid's `runtime` (default 60) times the attempt. A job killed at its
+    limit resumes from its checkpoint with a longer limit, so a retry never dies at the same limit."""
+    return (run.runtime or 60) * attempt
+
+
+def attempts_log(step, wildcards):
+    """Every attempt's output, appended (Snakemake deletes the declared log before each attempt)."""
+    return G.log_file(wildcards.grid, step, wildcards.run).removesuffix(".log") + ".attempts.log"
 
 
 def all_targets():

@@ -1,5 +1,6 @@
 # Evaluate each finished run: the final model (frozen masks) and the pruned model, with parameters
-# before and after pruning ("Params Train" / "Params Test") and FLOPs per image.
+# before and after pruning ("Params Train" / "Params Test") and FLOPs per image. Threads, memory,
+# time limit and SLURM partition come from the run in the grid, as for training.
 
 
 rule evaluate:
@@ -11,11 +12,16 @@ rule evaluate:
         launcher=lambda w: G.launcher(min(run_of(w).gpus, 1)),
         run=lambda w: run_of(w).run_dir,
         device=lambda w: run_of(w).device,
+        attempts=lambda w: attempts_log("evaluate", w),
+    threads: lambda w: run_of(w).threads
     resources:
         gpu=lambda w: min(run_of(w).gpus, 1),
+        runtime=lambda w, attempt: runtime_of(run_of(w), attempt),
+        mem_mb=lambda w: run_of(w).mem_mb or 4000,
+        slurm_partition=lambda w: slurm_partition(min(run_of(w).gpus, 1)),
     log:
         G.log_file("{grid}", "evaluate", "{run}"),
     conda:
         ENV
     shell:
-        "{params.launcher}maskconnect evaluate --run {params.run} --device {params.device} > {log} 2>&1"
+        "{params.launcher}maskconnect evaluate --run {params.run} --device {params.device} 2>&1 | tee -a {params.attempts} > {log}"

@@ -7,6 +7,10 @@
 # GPU jobs reserve `gpu` resources (the workflow profile caps them at the GPUs present) and run
 # under `maskconnect gpu-slot`, which picks free device ids (CUDA_VISIBLE_DEVICES); jobs with more
 # than one GPU run torchrun, one process per GPU.
+#
+# On SLURM (profiles/slurm): GPU jobs go to the GPU partition, the others to the CPU one; a retry
+# gets the grid's runtime times its attempt number; the log holds the last attempt and
+# <run>.attempts.log every attempt (a killed attempt's output is kept).
 
 
 rule train:
@@ -19,11 +23,13 @@ rule train:
         launcher=lambda w: G.launcher(run_of(w).gpus),
         args=lambda w: run_of(w).train_args(),
         out=lambda w: run_of(w).run_dir,
+        attempts=lambda w: attempts_log("train", w),
     threads: lambda w: run_of(w).threads
     resources:
         gpu=lambda w: run_of(w).gpus,
-        runtime=lambda w: run_of(w).runtime or 60,
+        runtime=lambda w, attempt: runtime_of(run_of(w), attempt),
         mem_mb=lambda w: run_of(w).mem_mb or 4000,
+        slurm_partition=lambda w: slurm_partition(run_of(w).gpus),
     log:
         G.log_file("{grid}", "train", "{run}"),
     benchmark:
@@ -31,4 +37,4 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.launcher}maskconnect train {params.args:q} --out {params.out} --replace --progress lines > {log} 2>&1"
+        "{params.launcher}maskconnect train {params.args:q} --out {params.out} --replace --progress lines 2>&1 | tee -a {params.attempts} > {log}"

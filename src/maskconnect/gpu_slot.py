@@ -8,8 +8,12 @@ see every GPU and start on ``cuda:0``. This wrapper picks the device ids. Each G
 until it exits (a killed job frees its GPUs at once: the kernel drops the lock). When fewer GPUs are
 free than asked for, it waits.
 
-Under a cluster scheduler that binds GPUs itself (SLURM sets ``CUDA_VISIBLE_DEVICES`` for the job),
-and with ``--gpus 0``, the command runs unchanged. Imports nothing heavy: the profile uses
+Inside a SLURM job only the job's own GPUs are candidates, never the rest of the node:
+``CUDA_VISIBLE_DEVICES`` where SLURM set it, else ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS``; a SLURM job
+with no GPUs allocated is refused with a message saying so (rather than locking some other job's
+GPU). There the lock files live in a folder of that job (``<lock dir>/slurm-<job id>/``): they
+only keep apart the commands sharing one allocation (the SLURM profile runs one per job, which then
+gets the whole allocation at once), never a GPU of another job. With ``--gpus 0`` the command runs unchanged. Imports nothing heavy: the profile uses
 :func:`visible_gpus` while Snakemake starts.
 """
 
@@ -29,9 +33,28 @@ LOCK_DIR_ENV = "MASKCONNECT_GPU_LOCK_DIR"
 LOCK_PREFIX = "maskconnect-gpu-"
 
 
+def _id_list(text: str) -> list[str]:
+    """GPU ids from a SLURM list such as ``0,2`` or ``0-3,6`` (ranges expanded)."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            out += [str(i) for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+        elif part:
+            out.append(part)
+    return out
+
+
+def slurm_job(env: dict | None = None) -> str | None:
+    """The SLURM job id this process runs in, or None outside SLURM."""
+    env = os.environ if env is None else env
+    return env.get("SLURM_JOB_ID") or None
+
+
 def visible_gpus(env: dict | None = None) -> list[str]:
-    """The GPUs a job may use: ``CUDA_VISIBLE_DEVICES`` if set (ids or UUIDs), else those
-    ``nvidia-smi`` lists, else none."""
+    """The GPUs a job may use: ``CUDA_VISIBLE_DEVICES`` if set (ids or UUIDs); else, inside a SLURM
+    job, the GPUs SLURM allocated to it (``SLURM_STEP_GPUS``, ``SLURM_JOB_GPUS``; none if neither is
+    set: the rest of the node belongs to other jobs); else those ``nvidia-smi`` lists; else none."""
     env = os.environ if env is None else env
     cvd = env.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None:
@@ -43,6 +66,11 @@ def visible_gpus(env: dict | None = None) -> list[str]:
                 break
             out.append(d)
         return out
+    if slurm_job(env):
+        for key in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+            if env.get(key):
+                return _id_list(env[key])
+        return []
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
@@ -57,12 +85,6 @@ def visible_gpus(env: dict | None = None) -> list[str]:
 def gpu_count() -> int:
     """How many GPUs Snakemake may hand out at once (the workflow profile's ``resources: gpu``)."""
     return len(visible_gpus())
-
-
-def scheduler_assigned(env: dict | None = None) -> bool:
-    """True where a cluster scheduler has already bound this job to its GPUs (SLURM)."""
-    env = os.environ if env is None else env
-    return bool(env.get("SLURM_JOB_ID")) and env.get("CUDA_VISIBLE_DEVICES") is not None
 
 
 def lock_dir() -> Path:
@@ -112,10 +134,20 @@ def run(command: list[str], n: int = 1, *, timeout: float | None = None) -> int:
     if not command:
         raise SystemExit("maskconnect gpu-slot: no command given (usage: maskconnect gpu-slot --gpus 1 -- CMD ...)")
     env = dict(os.environ)
-    if n > 0 and not scheduler_assigned(env):
+    if n > 0:
         gpus = visible_gpus(env)
+        job = slurm_job(env)
+        if job and len(gpus) < n:
+            print(f"maskconnect gpu-slot: {n} GPU(s) asked for, but SLURM job {job} was allocated "
+                  f"{len(gpus)} ({','.join(gpus) or 'none'}; from CUDA_VISIBLE_DEVICES, SLURM_STEP_GPUS or "
+                  "SLURM_JOB_GPUS): submit the job with --gpus/--gres (the SLURM profile does so from the "
+                  "grid's `gpus`); GPUs outside the allocation belong to other jobs", file=sys.stderr)
+            return 2
+        # in a SLURM job the locks only exclude the commands sharing this job's allocation (its ids
+        # may be renumbered from 0 and mean other devices in another job)
+        directory = lock_dir() / f"slurm-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}" if job else None
         try:
-            ids, fds = acquire(n, gpus, timeout=timeout)
+            ids, fds = acquire(n, gpus, directory, timeout=timeout)
         except (RuntimeError, TimeoutError) as e:
             print(f"maskconnect gpu-slot: {e}", file=sys.stderr)
             return 2
@@ -123,7 +155,8 @@ def run(command: list[str], n: int = 1, *, timeout: float | None = None) -> int:
             os.set_inheritable(fd, True)  # the command holds the locks until it exits
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
         env["MASKCONNECT_GPU_SLOT"] = env["CUDA_VISIBLE_DEVICES"]
-        print(f"maskconnect gpu-slot: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}", file=sys.stderr, flush=True)
+        print(f"maskconnect gpu-slot: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}"
+              + (f" (SLURM job {job})" if job else ""), file=sys.stderr, flush=True)
     try:
         os.execvpe(command[0], command, env)
     except OSError as e:
@@ -146,7 +179,8 @@ def register(sub) -> None:
     p = sub.add_parser("gpu-slot", help="run a command on free GPUs (sets CUDA_VISIBLE_DEVICES; for pipelines)",
                        description="Run COMMAND with CUDA_VISIBLE_DEVICES set to GPUs that no other gpu-slot job on "
                                    "this machine holds (flock on a lock file per GPU, held until COMMAND exits). "
-                                   "Waits while fewer are free. A no-op under SLURM, which binds GPUs itself. "
+                                   "Waits while fewer are free. Inside a SLURM job only the job's own GPUs are used "
+                                   "(CUDA_VISIBLE_DEVICES, else SLURM_STEP_GPUS/SLURM_JOB_GPUS); none allocated is an error. "
                                    f"Lock files live in ${LOCK_DIR_ENV} or the temp folder.")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the command needs (default 1; 0 runs it unchanged)")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds of waiting (default: wait)")
