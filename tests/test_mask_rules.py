@@ -261,3 +261,17 @@ def test_bad_mask_rule_exits_2_naming_the_field(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mask_rule" in err and "softmax" in err and "projected" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_mask_columns_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--arch", "11,2,4", "--stage-width", "8", "--connectivity", "learned",
+                 "--fan-in", "2", "--epochs", "2", "--out", str(out), "--tracking-uri", uri, "--progress", "none"]) == 0
+    client = MlflowClient(uri)
+    (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    for col in NEW_COLUMNS + ("mask_entropy", "mask_changed"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, col)] == [1, 2], col
+    assert run.data.metrics["mask_tied_rows"] == 0 and run.data.params["mask_rule"] == "projected"
