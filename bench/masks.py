@@ -83,10 +83,12 @@ def _plant(model, useless, construction: str) -> None:
     import torch
 
     blocks = model.blocks()
+    calls = [0]
     for i, block in enumerate(blocks[:-1]):
         sel = useless[i].nonzero().flatten()
 
         def hook(_mod, _inp, y, sel=sel):
+            calls[0] += 1
             y = y.clone()
             part = y[:, sel]
             if construction == "shuffle":
@@ -99,6 +101,7 @@ def _plant(model, useless, construction: str) -> None:
             return y
 
         block.register_forward_hook(hook)
+    return calls
 
 
 def run_planted(r: PlantedRun) -> dict:
@@ -118,7 +121,10 @@ def run_planted(r: PlantedRun) -> dict:
     model = build_model(spec)
     bank = mask_banks(model)[0]
     useless = planted_sources(bank.num_masks, spec.cardinality, r.noisy, r.seed)
-    _plant(model, useless, r.construction)
+    # the planted branches are made useless by forward hooks on the blocks: the plain (not the
+    # memory-saving) training path calls them; _plant counts calls so a path that skips them fails loudly
+    model.save_memory = False
+    calls = _plant(model, useless, r.construction)
     data = build_data("digits", batch_size=r.batch, eval_batch_size=512, device=torch.device("cpu"), seed=r.seed)
     precision = Precision.for_device("cpu")
     rule = mask_rule(r.rule if r.connectivity == "learned" else "clip")
@@ -141,6 +147,10 @@ def run_planted(r: PlantedRun) -> dict:
         for x, y in data.train_batches(epoch):
             train_step(model, opt, x, y, precision, banks=banks, rule=rule)
         sched.step()
+    steps = r.epochs * data.steps_per_epoch()
+    if calls[0] < steps * (len(model.blocks()) - 1):
+        raise RuntimeError("planted branches were not applied in training (hooks not called): the model's "
+                           "training path bypasses MaskedBlock.forward")
     ev = evaluate(model, data.test_batches(), precision, 10)
     masks = bank.binary
     on_clean = float((masks * (~useless).float().unsqueeze(1)).sum() / masks.sum())
