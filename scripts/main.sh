@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up (if needed), then the embedded default pipeline (demo grid: digits, CPU) end to
-# end: 21 training runs, evaluation, tables, figures and paper_tables/demo/REPORT.md, MLflow store in
+# end: 18 training runs, evaluation, tables, figures and paper_tables/demo/REPORT.md, MLflow store in
 # results/mlflow.db. Extra arguments go to snakemake (e.g. --config grid=cifar100, -n).
 set -euo pipefail
 cd "$(dirname "$0")/.."

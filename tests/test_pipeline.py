@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 PAPER_COUNTS = {"cifar100": 64, "cifar10": 36, "imagenet": 9, "paper": 109}
-DEMO_RUNS = 21
+DEMO_RUNS = 18
 SMOKE_RUNS = 3
 
 
