@@ -267,7 +267,9 @@ class _Progress:
         if self.mode == "none":
             return
         top5 = "" if row["test_top5"] in (None, "") else f" top5 {row['test_top5']:.2f}"
-        ent = "" if row["mask_entropy"] in (None, "") else f" H(mask) {row['mask_entropy']:.3f} changed {row['mask_changed']}"
+        ent = "" if row.get("mask_entropy") in (None, "") else f" H(mask) {row['mask_entropy']:.3f} changed {row['mask_changed']}"
+        if row.get("mask_ties"):  # saturated rows: their top-K set is decided by ties, not by learning
+            ent += f" TIED {row['mask_ties']} (at 1.0: {row['mask_at_1']:.0%})"
         line = (f"epoch {row['epoch']}/{self.total} [{row['phase']}] loss {row['train_loss']:.4f} train {row['train_top1']:.2f} "
                 f"| test loss {row['test_loss']:.4f} top1 {row['test_top1']:.2f}{top5}{ent} | lr {row['lr']:.4g} "
                 f"| {row['epoch_time_s']:.1f}s, ETA {_fmt(eta_s)}")
