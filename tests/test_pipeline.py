@@ -390,6 +390,20 @@ def test_gpu_jobs_declare_gpu_resources(checkout):
     assert all("gpu=1" in b for b in blocks if "rule evaluate:" in b)
 
 
+def test_jobs_take_runtime_memory_and_partition_from_the_grid(checkout):
+    """Training and evaluation jobs carry their run's time limit and memory from the grid, and go to the
+    GPU partition only when they ask for GPUs (profiles/slurm; maskconnect.slurm)."""
+    env = tool_env(checkout)
+    env.update(MASKCONNECT_SLURM_PARTITION="a100", MASKCONNECT_SLURM_CPU_PARTITION="cpux")
+    for grid, extra, want in [("imagenet", ["--resources", "gpu=8"], ["runtime=4320", "mem_mb=256000", "slurm_partition=a100"]),
+                              ("smoke", [], ["runtime=10", "mem_mb=4000", "slurm_partition=cpux"])]:
+        proc = snakemake(["-n", "--config", f"grid={grid}", *extra], checkout, check=True, env=env)
+        blocks = [b for b in proc.stdout.split("\n\n") if re.search(r"^rule (train|evaluate):", b, re.M)]
+        assert len(blocks) == 2 * len(G.load_grid(grid).runs)
+        for b in blocks:
+            assert all(w in b for w in want), (grid, b)
+
+
 # ---- conda environments -------------------------------------------------------------------------------
 
 ENV_FILES = sorted((ROOT / "pipelines" / "envs").glob("*.yaml"))
