@@ -176,8 +176,9 @@ PartitionName={GPU_PARTITION} Nodes={self.host} MaxTime=INFINITE State=UP
     def start(self) -> "SlurmCluster":
         self._write_files()
         m = self.root / "munge"
-        self._spawn("munged", ["munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={m}/munge.key",
-                               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munge.seed"],
+        self._spawn("munged", ["munged", "-F", "--force", f"--socket={self.munge_socket}",
+                               f"--key-file={m}/munge.key", f"--pid-file={m}/munged.pid",
+                               f"--log-file={m}/munged.log", f"--seed-file={m}/munge.seed"],
                     user="munge", group="munge")
         self._wait("munged", self.munge_socket.exists)
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
@@ -196,7 +197,8 @@ PartitionName={GPU_PARTITION} Nodes={self.host} MaxTime=INFINITE State=UP
             if ids:
                 self._run(["scancel", *ids])
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and self._run(["squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%i"]).stdout.split():
+                busy = ["squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%i"]
+                while time.monotonic() < deadline and self._run(busy).stdout.split():
                     time.sleep(0.2)
         for name in ("slurmd", "slurmctld", "munged"):
             p = self.procs.get(name)

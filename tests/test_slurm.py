@@ -89,7 +89,10 @@ def _train_process(run_dir: str):
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         if "train" in cmd and "--out" in cmd and run_dir in cmd and not any("snakemake" in c for c in cmd):
-            return p
+            try:
+                return p, p.environ().get("SLURM_JOB_ID")
+            except psutil.Error:  # it just ended
+                return None
     return None
 
 
@@ -132,10 +135,11 @@ def workflow(cluster, tmp_path_factory):
                 done = _history(root / run.run_dir)
                 if len(done) < 2:  # >= 1 epoch checkpointed (history.csv is written just before)
                     continue
-                proc = _train_process(run.run_dir)
-                if proc is None:
+                found = _train_process(run.run_dir)
+                if found is None:
                     continue
-                job = proc.environ().get("SLURM_JOB_ID")
+                proc, job = found
+                assert job, "the training process does not run in a SLURM job"
                 if name == "cancelled":
                     subprocess.run(["scancel", job], env=cluster.env(), check=True)
                 else:
@@ -185,7 +189,7 @@ def test_cpu_jobs_on_the_cpu_partition_gpu_jobs_on_the_gpu_partition(workflow):
     (job,) = _jobs_of(workflow, "train", gpu_run)
     log = (root / G.log_file("slurm", "train", gpu_run.run_id)).read_text()
     # gpu-slot ran the job on the GPU SLURM allocated to it
-    assert f"maskconnect gpu-slot: CUDA_VISIBLE_DEVICES=" in log and f"(SLURM job {job['JobId']})" in log, log[:2000]
+    assert "maskconnect gpu-slot: CUDA_VISIBLE_DEVICES=" in log and f"(SLURM job {job['JobId']})" in log, log[:2000]
 
 
 def _assert_resumed(workflow, run, first_state: str):
@@ -220,4 +224,5 @@ def test_timed_out_job_is_resubmitted_with_a_longer_limit_and_resumes(workflow):
     jobs = _assert_resumed(workflow, run, "TIMEOUT")
     assert [j["TimeLimit"] for j in jobs] == ["00:01:00", "00:02:00"]  # runtime x attempt
     ran = jobs[0]["RunTime"]
+    print(f"timed-out attempt ran {ran} (limit 00:01:00)")
     assert "00:01:00" <= ran < "00:03:00", ran  # killed at its limit (slurmctld checks every ~30 s)

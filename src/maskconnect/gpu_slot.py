@@ -13,8 +13,8 @@ Inside a SLURM job only the job's own GPUs are candidates, never the rest of the
 with no GPUs allocated is refused with a message saying so (rather than locking some other job's
 GPU). There the lock files live in a folder of that job (``<lock dir>/slurm-<job id>/``): they
 only keep apart the commands sharing one allocation (the SLURM profile runs one per job, which then
-gets the whole allocation at once), never a GPU of another job. With ``--gpus 0`` the command runs unchanged. Imports nothing heavy: the profile uses
-:func:`visible_gpus` while Snakemake starts.
+gets the whole allocation at once), never a GPU of another job. With ``--gpus 0`` the command runs
+unchanged. Imports nothing heavy: the profile uses :func:`visible_gpus` while Snakemake starts.
 """
 
 from __future__ import annotations
