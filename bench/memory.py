@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import maskconnect.models as models
 from maskconnect.describe import count_flops
 from maskconnect.models import build_model
 
@@ -39,6 +40,8 @@ CIFAR_ARCHS = ("20,4,8", "29,8,8", "29,64,8")
 QUICK_CIFAR_ARCHS = ("20,4,8",)
 IMAGENET_ARCH, IMAGENET_K = "50,4,32", 16
 CIFAR_K = 4
+# The paper grid's other ImageNet models, at K = C/2 (full run only; no plain path: it is large and slow)
+EXTRA_IMAGENET = (("101,4,32", 16), ("101,4,64", 32))
 GPU_BYTES = 80 * 10**9  # "80 GB" as sold (H100/A100 80GB)
 
 # Issue 12: learned / full activation bytes per image, at most ~10% above the floor (one branch tensor
@@ -93,9 +96,16 @@ def _measure(cfg: Config, batch: int, ctx: Context, save_memory: bool | None) ->
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     x_cpu = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size,
                         generator=torch.Generator().manual_seed(0))
-    # exact count: fp32 NCHW on this device, no autocast (the same on every device)
+    # exact count: fp32 NCHW on this device, no autocast (the same on every device). The plain path is
+    # measured as it was before issue 12, with grouped convolutions: the CPU's batched-matmul form of the
+    # grouped 1x1 convs would make autograd keep a per-image copy of their weights there.
     model_dev = model.to(ctx.device)
-    s = saved_bytes(model_dev, x_cpu.to(ctx.device))
+    as_matmul = models.GROUPED_1X1_AS_MATMUL_ON_CPU
+    models.GROUPED_1X1_AS_MATMUL_ON_CPU = as_matmul and save_memory is not False
+    try:
+        s = saved_bytes(model_dev, x_cpu.to(ctx.device))
+    finally:
+        models.GROUPED_1X1_AS_MATMUL_ON_CPU = as_matmul
     per_image = s["activations"] / batch
     row = {"name": cfg.label + ("" if save_memory is None else (" (saving path)" if save_memory else " (plain path)")),
            "label": cfg.label, "config": cfg.as_dict(), "path": None if save_memory is None else ("saving" if save_memory else "plain"),
@@ -155,6 +165,14 @@ def run(ctx: Context) -> Path:
                               value=rows["learned-saving"]["activation_bytes_per_image"]
                               / rows["random-saving"]["activation_bytes_per_image"], threshold=1.0, ctx=ctx,
                               measured_on=f"{{{arch}}} batch {batch}", gpu_only=False, valid=valid, why_not=why))
+    if not ctx.quick:  # the grid's other ImageNet models (K = C/2): Fixed-Full and the learned training path
+        for arch, k in EXTRA_IMAGENET:
+            full = _measure(Config(arch, dataset="imagenet"), inet_batch, ctx, None)
+            lrn = _measure(Config(arch, "learned", k, dataset="imagenet"), inet_batch, ctx, True)
+            for r in (full, lrn):
+                r["vs_full"] = r["activation_bytes_per_image"] / full["activation_bytes_per_image"]
+                r["issue_measure_vs_full"] = r["issue_measure_bytes_per_image"] / full["issue_measure_bytes_per_image"]
+            results += [full, lrn]
     rec = make_record(ctx, "memory", batch=cifar_batch, warmup=0, repeats=1,
                       config={"cifar_batch": cifar_batch, "imagenet_batch": inet_batch, "cifar_fan_in": CIFAR_K,
                               "imagenet_fan_in": IMAGENET_K, "imagenet_image_size": size or 224,
@@ -167,8 +185,8 @@ def run(ctx: Context) -> Path:
                       notes=["activation_bytes_per_image excludes parameters (kept whatever the batch); "
                              "issue_measure_bytes_per_image is issue 12's measure (parameters included, divided by "
                              "the batch), kept to compare with the issue's baseline numbers",
-                             "plain path: model.save_memory = False (the autograd graph before issue 12); "
-                             "saving path: the default training path",
+                             "plain path: model.save_memory = False with grouped convolutions (the autograd graph "
+                             "before issue 12); saving path: the default training path",
                              "the count is exact and the same on every device; only cuda_step_peak_bytes is "
                              "device-specific"],
                       extra={"memory": "autograd saved tensors (exact)" + (", cuda max_memory_allocated" if ctx.cuda else "")})

@@ -216,7 +216,7 @@ def _conv1x1_backward(grad: Tensor, x: Tensor, weight: Tensor, groups: int, need
     """Input and weight gradients of ``grouped_1x1(x, weight, groups)`` without recomputing its output.
     ``x`` has the dtype the forward pass ran in (autocast casts the weight to it; the weight gradient is
     cast back, as autocast's cast does in its backward)."""
-    if _matmul_1x1(x, groups):
+    if _matmul_1x1(x, groups, weight.shape[0]):
         n, cin, hh, ww = x.shape
         g = grad.reshape(n, groups, -1, hh * ww)
         gi = gw = None
@@ -310,20 +310,27 @@ class _SharedBNTail(torch.autograd.Function):
 
 
 # A masked module's grouped 1x1 convs (conv1 and conv3: one group per branch, as wide as the module on one
-# side and as narrow as the branch on the other) run as one batched matmul on a CPU. Measured there (one
-# thread, fwd+bwd, {20,4,8} and {29,64,8} stage-1 shapes): conv1 1.8x / 1.8x faster, conv3 1.7x / 1.2x,
-# against the grouped convolution (oneDNN, or the per-group slow path at small batches). On a GPU the
-# grouped convolution (cuDNN) is kept. Same function; summation order, hence round-off, differs.
+# side and as narrow as the branch on the other) run as one batched matmul on a CPU when the branch is
+# narrow (<= 64 channels). Measured there (one thread, fwd+bwd, on a shared machine): at {20,4,8} and
+# {29,64,8} stage-1 shapes (32x32, branch width 4 / 64) conv1 1.8x / 1.8x faster, conv3 1.7x / 1.2x than
+# the grouped convolution (oneDNN, or the per-group slow path at batches under 16); at {29,64,8} stage 3
+# (8x8, branch width 256) the convolution was 1.7x faster. On a GPU the grouped convolution (cuDNN) is
+# kept. Same function; the summation order, hence the round-off, differs.
 GROUPED_1X1_AS_MATMUL_ON_CPU = True
 
 
-def _matmul_1x1(x: Tensor, groups: int) -> bool:
-    return GROUPED_1X1_AS_MATMUL_ON_CPU and groups > 1 and x.device.type == "cpu" and x.is_contiguous()
+MATMUL_MAX_GROUP_WIDTH = 64
+
+
+def _matmul_1x1(x: Tensor, groups: int, out_ch: int) -> bool:
+    narrow = min(x.shape[1], out_ch) // groups  # the branch width
+    return (GROUPED_1X1_AS_MATMUL_ON_CPU and groups > 1 and narrow <= MATMUL_MAX_GROUP_WIDTH
+            and x.device.type == "cpu" and x.is_contiguous())
 
 
 def grouped_1x1(x: Tensor, weight: Tensor, groups: int) -> Tensor:
     """``F.conv2d(x, weight, groups=groups)`` for a 1x1 kernel, stride 1, no bias."""
-    if not _matmul_1x1(x, groups):
+    if not _matmul_1x1(x, groups, weight.shape[0]):
         return F.conv2d(x, weight, groups=groups)
     n, cin, hh, ww = x.shape
     out = torch.matmul(weight.view(groups, -1, cin // groups), x.view(n, groups, cin // groups, hh * ww))
