@@ -317,8 +317,6 @@ class _SharedBNTail(torch.autograd.Function):
 # (8x8, branch width 256) the convolution was 1.7x faster. On a GPU the grouped convolution (cuDNN) is
 # kept. Same function; the summation order, hence the round-off, differs.
 GROUPED_1X1_AS_MATMUL_ON_CPU = True
-
-
 MATMUL_MAX_GROUP_WIDTH = 64
 
 
