@@ -35,7 +35,8 @@ def _one_thread():
 def _pair(model: MaskedResNeXt) -> tuple[MaskedResNeXt, MaskedResNeXt]:
     plain = copy.deepcopy(model)
     plain.save_memory = False
-    assert model.save_memory  # the default training path is the saving one
+    assert model.save_memory is None  # default: the saving path on CUDA, the plain one on a CPU
+    model.save_memory = True
     return model, plain
 
 

@@ -353,7 +353,11 @@ FUSE_MIX_WHEN_COMPILING = False
 # (bench/README.md, ``python -m bench memory``). Same maths; ``model.save_memory = False`` gives the
 # plain autograd path (the tests compare the two). torch.compile always traces the plain path: AOT
 # autograd's partitioner makes its own choice of what to recompute.
-SAVE_MEMORY = True
+# None (default): the saving path on CUDA, where GPU memory bounds the batch (80 GB: {50,4,32} learned
+# K=16 fits an estimated 104 images instead of 35), and the plain path on a CPU, where memory is rarely
+# the limit and the backward's recomputation costs speed (measured, 1 thread, {29,64,8} learned K=4 /
+# Fixed-Full: 0.46 saving vs 0.55 plain; digits {20,4,8} K=2 step 249 vs 214 ms). True/False force it.
+SAVE_MEMORY: bool | None = None
 
 
 def mix(mask: Tensor, y: Tensor) -> Tensor:
@@ -428,7 +432,8 @@ class MaskedResNeXt(_StemMixin, nn.Module):
         x = self._stem_forward(x)
         masks = self.masks()  # one draw per forward pass (= per training iteration)
         blocks = self.blocks()
-        if self.save_memory and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        save = x.is_cuda if self.save_memory is None else self.save_memory
+        if save and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             y = blocks[0].forward_saving(x)
             for i in range(1, len(blocks)):
                 y = blocks[i].forward_saving(y_prev=y, mask=masks[i - 1])
