@@ -27,7 +27,7 @@ Two parts, each for every rule in ``maskconnect.connectivity.MASK_RULES``:
 
 Everything runs on the CPU, one thread per run, runs in parallel processes (``--jobs``).
 
-    PYTHONPATH=src python -m bench masks                      # both parts (about 20 CPU minutes)
+    PYTHONPATH=src python -m bench masks                      # both parts (about 35 CPU minutes)
     PYTHONPATH=src python -m bench masks --part planted --quick
 """
 
@@ -107,7 +107,6 @@ def _plant(model, useless, construction: str) -> None:
 def run_planted(r: PlantedRun) -> dict:
     import torch
 
-    torch.set_num_threads(1)
     from maskconnect.connectivity import freeze_masks, mask_banks, mask_rule, mask_stats, param_groups
     from maskconnect.data import build_data
     from maskconnect.engine import Precision, evaluate, train_step
@@ -169,9 +168,6 @@ class ScheduleRun:
 
 
 def run_schedule(r: ScheduleRun) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
     from maskconnect.train import TrainConfig, train
 
     t0 = time.perf_counter()
@@ -194,10 +190,15 @@ def run_schedule(r: ScheduleRun) -> dict:
             "end_of_joint": last, "history": history, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _pool(fn, jobs: list, workers: int) -> list:
-    if workers <= 1:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as ex:
+    """Runs in worker processes of one thread each (the calling process's thread count is left alone)."""
+    with ProcessPoolExecutor(max(1, workers), initializer=_one_thread) as ex:
         return list(ex.map(fn, jobs))
 
 

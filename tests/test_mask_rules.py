@@ -89,6 +89,40 @@ def test_projection_matches_an_independent_solver(k):
         np.testing.assert_allclose(got, _reference_projection(row, k), atol=1e-5)
 
 
+def test_projection_in_float32_on_degenerate_rows():
+    k = 3
+    rows = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0],                 # K-hot: a vertex, kept
+                         [0.5] * 8,                                 # uniform: K/C everywhere
+                         [9, -7, 3.5, 0, 0, 0, 2, -1],              # gaps far larger than 1
+                         [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 5]],   # one entry above the bound
+                        dtype=torch.float32)
+    p = project_capped_simplex(rows, k)
+    assert p.dtype == torch.float32
+    for row, got in zip(rows.double().numpy(), p.numpy()):
+        np.testing.assert_allclose(got, _reference_projection(row, k), atol=1e-5)
+    assert torch.equal(p[0], rows[0]) and torch.allclose(p[1], torch.full((8,), 3 / 8))
+
+
+def test_centred_rule_centres_the_gradient_before_the_optimiser_step():
+    """Through the training step itself: under `centred` a step moves no row sum (entries away from
+    the bounds, plain SGD); under `clip` the same step does (the gradient's common mode)."""
+    from maskconnect.connectivity import param_groups
+    from maskconnect.engine import Precision, train_step
+
+    sums = {}
+    for name in ("centred", "clip"):
+        torch.manual_seed(0)
+        model = build_model(make_spec("20,2,4", connectivity="learned", fan_in=2, **SMALL)).train()
+        opt = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=0.0, mask_lr=0.5), lr=0.1)
+        real = mask_banks(model)[0].real
+        before = real.detach().sum(-1).clone()
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+        train_step(model, opt, x, y, Precision.for_device("cpu"), rule=name)
+        assert real.min() > 0 and real.max() < 1          # no bound reached: only the rule acts
+        sums[name] = (real.detach().sum(-1) - before).abs().max().item()
+    assert sums["centred"] < 1e-5 < sums["clip"], sums
+
+
 def test_projected_rule_invariants():
     k = 3
     b = _bank(rows=(4, 8, 8), k=k)
@@ -120,12 +154,17 @@ def test_projected_rule_cannot_tie_at_the_kth_place_against_zero():
 def test_rules_leave_frozen_and_random_banks_alone(name):
     learned = _bank()
     learned.freeze()
+    with torch.no_grad():
+        learned.real.mul_(4).sub_(1.5)       # out of [0, 1] and off the hull: any rule would move it
+    learned.real.grad = torch.randn_like(learned.real) + 1.0
+    grad = learned.real.grad.clone()
     before = learned.real.detach().clone()
     rnd = MaskBank(3, 6, 2, "random", seed=0)
     binary = rnd.binary.clone()
     MASK_RULES[name].before_step([learned, rnd])
     MASK_RULES[name].after_step([learned, rnd])
     assert torch.equal(learned.real, before) and torch.equal(rnd.binary, binary)
+    assert torch.equal(learned.real.grad, grad)
 
 
 # --- statistics and ties ----------------------------------------------------------------------------
@@ -171,7 +210,17 @@ def test_freeze_without_ties_is_plain_topk_and_reports_zero():
         mask_banks(model)[0].real.copy_(torch.rand_like(mask_banks(model)[0].real))
     real = mask_banks(model)[0].real.detach().clone()
     assert freeze_masks(model, seed=0) == 0
-    assert torch.equal(mask_banks(model)[0].binary, topk_masks(real, 2))
+    expect = np.zeros(real.shape, dtype=np.float32)
+    np.put_along_axis(expect, np.argsort(-real.numpy(), axis=-1)[..., :2], 1.0, axis=-1)
+    assert np.array_equal(mask_banks(model)[0].binary.numpy(), expect)
+
+
+def test_evaluation_before_freezing_and_freezing_break_ties_the_same_way():
+    spec = make_spec("20,2,4", connectivity="learned", fan_in=2, seed=3, **SMALL)
+    model = build_model(spec).eval()
+    seen = model.masks()                       # init 0.5 everywhere: every row tied
+    assert freeze_masks(model) == seen.shape[0] * seen.shape[1]
+    assert torch.equal(model.masks(), seen)    # the wiring evaluated before freezing is the one frozen
 
 
 def test_tie_count_survives_a_checkpoint():

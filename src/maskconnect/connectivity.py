@@ -32,8 +32,8 @@ bench/results/masks-*.md):
 * ``projected``: after each step, the Euclidean projection of every row onto
   {m in [0, 1]^C : sum(m) = K}, the convex hull of the fan-in-K binary masks (the set the sampled
   masks live in). It is the paper's normalisation written back, scaled to K (so entries read as
-  inclusion probabilities), with the clip to [0, 1] kept. The projection removes the gradient's
-  common mode; its vertices are exactly the K-hot rows, so a converged row is a fan-in-K mask and
+  approximate inclusion probabilities: exact at K-hot and uniform rows), with the clip to [0, 1] kept.
+  The projection removes the gradient's common mode; its vertices are exactly the K-hot rows, so a converged row is a fan-in-K mask and
   cannot saturate (at most K entries fit at 1) or tie at the K-th place against a zero.
 """
 
@@ -248,7 +248,7 @@ class MaskBank(nn.Module):
         super().__init__()
         if kind not in ("random", "learned"):
             raise ValueError(f"MaskBank kind must be 'random' or 'learned', got {kind!r}")
-        self.kind, self.cardinality, self.fan_in = kind, cardinality, fan_in
+        self.kind, self.cardinality, self.fan_in, self.seed = kind, cardinality, fan_in, int(seed)
         shape = (num_masks, cardinality, cardinality)
         if kind == "learned":
             self.real = nn.Parameter(torch.full(shape, float(init)))
@@ -272,7 +272,12 @@ class MaskBank(nn.Module):
             sample = sample_masks(self.real, self.fan_in)
             self.last_sample = sample
             return straight_through(sample, self.real)
-        return topk_masks(self.real, self.fan_in)
+        return topk_masks(self.real, self.fan_in, generator=self.tie_generator())
+
+    def tie_generator(self) -> torch.Generator:
+        """The seeded draw that breaks exact ties at the K-th place: the same one for evaluation before
+        freezing and for freezing, so both pick the same wiring (a fresh generator each call)."""
+        return torch.Generator().manual_seed(self.seed + 0x5EED)
 
     @torch.no_grad()
     def clip_(self) -> None:
@@ -284,11 +289,12 @@ class MaskBank(nn.Module):
     def freeze(self, generator: torch.Generator | None = None) -> int:
         """Fix the masks to the top-K entries of each real-valued row; no more sampling.
 
-        Exact ties are broken by ``generator`` (a seeded CPU generator; index order without one).
-        Returns, and remembers in ``tied_at_freeze``, how many rows a tie decided.
+        Exact ties are broken by ``generator`` (a seeded CPU generator; default :meth:`tie_generator`,
+        the bank's own seed). Returns, and remembers in ``tied_at_freeze``, how many rows a tie decided.
         """
         if self.real is not None and not self.frozen:
-            self.binary.copy_(topk_masks(self.real, self.fan_in, generator=generator))
+            gen = generator if generator is not None else self.tie_generator()
+            self.binary.copy_(topk_masks(self.real, self.fan_in, generator=gen))
             self.real.requires_grad_(False)
             self.tied_at_freeze = int(tied_rows(self.real, self.fan_in).sum())
         self.frozen = True
@@ -298,7 +304,7 @@ class MaskBank(nn.Module):
         """The binary masks evaluation would use now (top-K if learned and not yet frozen)."""
         if self.frozen:
             return self.binary.detach().clone()
-        return topk_masks(self.real, self.fan_in)
+        return topk_masks(self.real, self.fan_in, generator=self.tie_generator())
 
     def entropy(self) -> float | None:
         if self.real is None:
@@ -388,8 +394,9 @@ def clip_masks(model: nn.Module) -> None:
 def freeze_masks(model: nn.Module, seed: int | None = None) -> int:
     """Freeze every learned mask to its top-K entries; returns the number of rows decided by ties.
 
-    With ``seed``, exact ties are broken by a random draw from that seed (the training loop passes the
-    run's seed); without, by index."""
+    Exact ties are broken by a random draw, never by index: from ``seed`` when given, else from each
+    bank's own seed (the spec's, which is the run's seed: then freezing picks the wiring that
+    evaluation before freezing used)."""
     gen = None if seed is None else torch.Generator().manual_seed(int(seed) + 0x5EED)
     return sum(b.freeze(generator=gen) for b in mask_banks(model))
 
