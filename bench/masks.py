@@ -64,6 +64,7 @@ class PlantedRun:
     noisy: int = 3      # useless branches per module (of C = 8): chance of a clean source 5/8
     epochs: int = 30
     mask_lr: float | None = None  # None: the paper's summed mask LR over this run's joint phase
+    settle: int = 0     # epochs at LR/10 after the first drop before the masks are frozen (the demo's 1)
     stage_width: int = 16
     batch: int = 64
 
@@ -133,7 +134,7 @@ def run_planted(r: PlantedRun) -> dict:
     for g in opt.param_groups:
         if g["name"] == "masks":
             g["momentum"] = 0.0
-    freeze_at, drops = r.epochs // 2, [r.epochs // 2, (3 * r.epochs) // 4]
+    freeze_at, drops = r.epochs // 2 + r.settle, [r.epochs // 2, (3 * r.epochs) // 4]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.1)
     rule.after_step(mask_banks(model))
     at_freeze, ties = None, 0
@@ -153,7 +154,7 @@ def run_planted(r: PlantedRun) -> dict:
     ev = evaluate(model, data.test_batches(), precision, 10)
     masks = bank.binary
     on_clean = float((masks * (~useless).float().unsqueeze(1)).sum() / masks.sum())
-    return {**r.__dict__, "mask_lr": mask_lr, "top1": ev["test_top1"], "on_clean": on_clean, "clean_fraction": 1 - r.noisy / spec.cardinality,
+    return {**r.__dict__, "mask_lr": mask_lr, "mask_lr_given": r.mask_lr is not None, "top1": ev["test_top1"], "on_clean": on_clean, "clean_fraction": 1 - r.noisy / spec.cardinality,
             "ties_at_freeze": ties, "stats_at_freeze": at_freeze, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -209,8 +210,9 @@ def planted(args) -> dict:
 
     seeds = range(args.seeds)
     epochs = 4 if args.quick else args.planted_epochs
-    runs = [PlantedRun(c, "learned", rule, s, epochs=epochs) for c in args.constructions for rule in MASK_RULES for s in seeds]
-    runs += [PlantedRun(c, "random", "-", s, epochs=epochs) for c in args.constructions for s in seeds]
+    kw = dict(epochs=epochs, mask_lr=args.planted_mask_lr, settle=args.planted_settle)
+    runs = [PlantedRun(c, "learned", rule, s, **kw) for c in args.constructions for rule in MASK_RULES for s in seeds]
+    runs += [PlantedRun(c, "random", "-", s, **kw) for c in args.constructions for s in seeds]
     res = _pool(run_planted, runs, args.jobs)
     summary = []
     for c in args.constructions:
@@ -272,8 +274,8 @@ def markdown(rec: dict) -> str:
         r0 = p["runs"][0]
         lines += ["## Planted connectivity", "",
                   f"digits {{20,4,8}} (stage width {r0['stage_width']}), K = {r0['fan_in']}, {r0['noisy']} of 8 branches "
-                  f"useless in modules 1..L-1, {r0['epochs']} epochs (masks frozen at {r0['epochs'] // 2}), mask LR "
-                  f"{r0['mask_lr']} (the paper's summed mask LR {PAPER_SUMMED_MASK_LR:.0f} over the joint phase), batch {r0['batch']}. On clean: fraction of frozen mask ones on clean sources "
+                  f"useless in modules 1..L-1, {r0['epochs']} epochs (LR /10 at {r0['epochs'] // 2}, masks frozen at {r0['epochs'] // 2 + r0['settle']}), mask LR "
+                  f"{r0['mask_lr']}{'' if r0.get('mask_lr_given') else f' (the paper' + chr(39) + f's summed mask LR {PAPER_SUMMED_MASK_LR:.0f} over the joint phase)'}, batch {r0['batch']}. On clean: fraction of frozen mask ones on clean sources "
                   "(chance = clean fraction). Welch: Learned vs Fixed-Random top-1 (two-sided).", "",
                   "| construction | rule | seeds | on clean | chance | random on clean | learned top-1 | random top-1 | Welch t | p | ties at freeze | at 1.0 | at 0.0 | entropy |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -306,6 +308,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="planted: seeds per rule (default 4)")
     p.add_argument("--planted-epochs", type=int, default=30, dest="planted_epochs",
                    help="planted: epochs (default 30; masks frozen at half, mask LR = the paper's summed LR over the joint phase)")
+    p.add_argument("--planted-mask-lr", type=float, default=None, dest="planted_mask_lr",
+                   help="planted: mask LR (default: the paper's summed mask LR over the joint phase)")
+    p.add_argument("--planted-settle", type=int, default=0, dest="planted_settle",
+                   help="planted: epochs at LR/10 after the first drop before freezing (default 0; the demo uses 1)")
     p.add_argument("--constructions", nargs="+", default=["shuffle", "noise"], choices=["shuffle", "noise"])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
