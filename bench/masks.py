@@ -45,6 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+CONSTRUCTIONS = ("shuffle", "noise", "decoy-noise", "decoy-shuffle")
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_SUMMED_MASK_LR = 150 * math.ceil(50000 / 128) * 0.1  # CIFAR joint phase at the paper's LR
 
@@ -85,24 +86,42 @@ def _plant(model, useless, construction: str) -> None:
 
     blocks = model.blocks()
     calls = [0]
+    # evaluation-time RMS of each module's own (pre-replacement) outputs, useless vs clean branches:
+    # a construction the network can escape by shrinking the useless branches shows a ratio near 0
+    rms = {"useless": 0.0, "clean": 0.0}
     for i, block in enumerate(blocks[:-1]):
         sel = useless[i].nonzero().flatten()
+        keep = (~useless[i]).nonzero().flatten()
 
-        def hook(_mod, _inp, y, sel=sel):
+        def hook(mod, _inp, y, sel=sel, keep=keep):
             calls[0] += 1
+            if not mod.training:
+                rms["useless"] += float(y[:, sel].detach().pow(2).mean().sqrt())
+                rms["clean"] += float(y[:, keep].detach().pow(2).mean().sqrt())
             y = y.clone()
             part = y[:, sel]
             if construction == "shuffle":
                 part = part[torch.randperm(y.shape[0], device=y.device)]
-            else:  # noise: same per-channel mean and std, no information about the image
+            elif construction == "noise":  # same per-channel mean and std, no information about the image
                 mu = part.detach().mean(dim=(0, 3, 4), keepdim=True)
                 sd = part.detach().std(dim=(0, 3, 4), keepdim=True)
                 part = torch.randn_like(part) * sd + mu
+            else:
+                # decoys: the scale comes from the module's clean branches (detached), so the network
+                # cannot make a useless branch harmless by shrinking it; only the masks can avoid it
+                clean = y[:, keep].detach()
+                if construction == "decoy-noise":
+                    mu = clean.mean(dim=(0, 1, 3, 4), keepdim=True)
+                    sd = clean.std(dim=(0, 1, 3, 4), keepdim=True)
+                    part = torch.randn_like(part) * sd + mu
+                else:  # decoy-shuffle: clean siblings' outputs for other images of the batch
+                    src = clean[:, torch.arange(len(sel), device=y.device) % clean.shape[1]]
+                    part = src[torch.randperm(y.shape[0], device=y.device)]
             y[:, sel] = part
             return y
 
         block.register_forward_hook(hook)
-    return calls
+    return calls, rms
 
 
 def run_planted(r: PlantedRun) -> dict:
@@ -124,7 +143,7 @@ def run_planted(r: PlantedRun) -> dict:
     # the planted branches are made useless by forward hooks on the blocks: the plain (not the
     # memory-saving) training path calls them; _plant counts calls so a path that skips them fails loudly
     model.save_memory = False
-    calls = _plant(model, useless, r.construction)
+    calls, rms = _plant(model, useless, r.construction)
     data = build_data("digits", batch_size=r.batch, eval_batch_size=512, device=torch.device("cpu"), seed=r.seed)
     precision = Precision.for_device("cpu")
     rule = mask_rule(r.rule if r.connectivity == "learned" else "clip")
@@ -155,7 +174,8 @@ def run_planted(r: PlantedRun) -> dict:
     masks = bank.binary
     on_clean = float((masks * (~useless).float().unsqueeze(1)).sum() / masks.sum())
     return {**r.__dict__, "mask_lr": mask_lr, "mask_lr_given": r.mask_lr is not None, "top1": ev["test_top1"], "on_clean": on_clean, "clean_fraction": 1 - r.noisy / spec.cardinality,
-            "ties_at_freeze": ties, "stats_at_freeze": at_freeze, "seconds": round(time.perf_counter() - t0, 1)}
+            "ties_at_freeze": ties, "stats_at_freeze": at_freeze,
+            "useless_rms_ratio": rms["useless"] / rms["clean"] if rms["clean"] else None, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 @dataclass(frozen=True)
@@ -312,7 +332,7 @@ def main(argv=None) -> int:
                    help="planted: mask LR (default: the paper's summed mask LR over the joint phase)")
     p.add_argument("--planted-settle", type=int, default=0, dest="planted_settle",
                    help="planted: epochs at LR/10 after the first drop before freezing (default 0; the demo uses 1)")
-    p.add_argument("--constructions", nargs="+", default=["shuffle", "noise"], choices=["shuffle", "noise"])
+    p.add_argument("--constructions", nargs="+", default=["shuffle", "noise"], choices=list(CONSTRUCTIONS))
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
     p.add_argument("--out", type=Path, default=RESULTS)

@@ -324,3 +324,39 @@ def test_mask_columns_reach_mlflow(tmp_path):
     for col in NEW_COLUMNS + ("mask_entropy", "mask_changed"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, col)] == [1, 2], col
     assert run.data.metrics["mask_tied_rows"] == 0 and run.data.params["mask_rule"] == "projected"
+
+
+# ---- the rule in recipes and grids ------------------------------------------------------------------
+
+def test_every_recipe_names_a_rule_and_the_config_takes_it():
+    from maskconnect.recipes import RECIPES
+    from maskconnect.train import TrainConfig
+
+    for name, recipe in RECIPES.items():
+        assert recipe["mask_rule"] in MASK_RULES, name
+        cfg = TrainConfig(dataset="digits", arch="11,2,4", connectivity="learned", fan_in=2, recipe=name).resolved()
+        assert cfg.mask_rule == recipe["mask_rule"]
+    over = TrainConfig(dataset="digits", arch="11,2,4", connectivity="learned", fan_in=2, recipe="paper", mask_rule="clip")
+    assert over.resolved().mask_rule == "clip"  # an explicit rule beats the recipe's
+
+
+def test_a_grid_passes_its_rule_to_train_and_rejects_an_unknown_one(tmp_path):
+    from maskconnect import grid as G
+    from maskconnect.cli import build_parser
+
+    text = """\
+name: rules
+defaults: {dataset: digits, seeds: [0], recipe: smoke, device: cpu, train: {mask_rule: %s}}
+entries:
+  - {arch: "20,4,8", connectivity: learned, fan_ins: [2]}
+"""
+    path = tmp_path / "rules.yaml"
+    path.write_text(text % "centred")
+    (run,) = G.load_grid(str(path)).runs
+    assert "--mask-rule centred" in G.train_command(run)
+    args = build_parser().parse_args(["train", *run.train_args(), "--out", str(tmp_path / "r")])
+    assert args.mask_rule == "centred"
+    path.write_text(text % "softmax")
+    with pytest.raises(ConfigError) as info:
+        G.load_grid(str(path))
+    assert "mask_rule" in str(info.value) and "softmax" in str(info.value) and "projected" in str(info.value)

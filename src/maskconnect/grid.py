@@ -249,7 +249,10 @@ def _schema_errors(data, name: str, path: Path) -> None:
     errors = sorted(_validator().iter_errors(data), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if not errors:
         return
-    err = jsonschema.exceptions.best_match(errors)
+    # a failing "$ref" leaves its properties unevaluated, so "unevaluatedProperties" also fires on the
+    # parent; the real cause (e.g. an enum deeper down) is the message to show
+    causes = [e for e in errors if e.validator != "unevaluatedProperties"]
+    err = jsonschema.exceptions.best_match(causes or errors)
     loc = list(err.absolute_path)
     if len(loc) >= 2 and loc[0] == "entries" and isinstance(loc[1], int):
         where = _entry_name(name, loc[1] + 1, data["entries"][loc[1]])

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .connectivity import (
-    DEFAULT_MASK_RULE, changed_rows, current_masks, freeze_masks, live_branches, mask_banks, mask_rule,
+    changed_rows, current_masks, freeze_masks, live_branches, mask_banks, mask_rule,
     mask_stats, masks_frozen, param_groups,
 )
 from .engine import Precision, evaluate, resolve_device, train_step
@@ -65,7 +65,7 @@ class TrainConfig:
     mask_lr: float | None = None            # default: the weight LR and its schedule
     mask_momentum: float = 0.0
     mask_init: float = 0.5
-    mask_rule: str = DEFAULT_MASK_RULE      # how the real-valued masks are updated (connectivity.MASK_RULES)
+    mask_rule: str | None = None            # how the real-valued masks are updated (connectivity.MASK_RULES); default: the recipe's
     freeze_epoch: int | None = None         # default: the first LR drop
     stage_width: int | None = None
     augment: bool = True
@@ -87,7 +87,7 @@ class TrainConfig:
             raise ConfigError("recipe", self.recipe, f"one of {', '.join(RECIPES)}")
         r = RECIPES[self.recipe]
         c = TrainConfig(**asdict(self))
-        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay"):
+        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "mask_rule"):
             if getattr(c, name) is None:
                 setattr(c, name, r[name])
         if c.lr_reference_batch is None:

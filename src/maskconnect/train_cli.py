@@ -51,7 +51,7 @@ def register(sub) -> None:
     g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks (default: the weight LR and schedule)")
     g.add_argument("--mask-init", dest="mask_init", type=float, help="initial value of the real-valued masks (default 0.5)")
     g.add_argument("--mask-rule", dest="mask_rule", metavar="NAME",
-                   help="how the real-valued masks are updated: projected (default: rows projected onto "
+                   help="how the real-valued masks are updated (default: the recipe's, projected for every recipe): projected (rows projected onto "
                         "{m in [0,1]^C, sum m = K}), centred (row-centred gradient, then clip) or clip (the "
                         "literal reading: clip to [0,1]); see docs/mask_rules.md")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other TrainConfig field (JSON values), repeatable")
