@@ -77,6 +77,9 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     sub.required = True
     for name in (*BENCHMARKS, "cuda-check", "all", "summary"):
         sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
+    # its own options (bench/masks.py); main() hands its arguments over before parsing
+    sub.add_parser("masks", add_help=False, help="the mask update rules (issue 10): planted connectivity and the long "
+                   "schedule, CPU, not part of 'all' (about an hour on 2 cores); 'masks --help' for its options")
     return parser
 
 
@@ -121,6 +124,11 @@ def _summary(paths: list[Path]) -> None:
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     from maskconnect.errors import MaskConnectError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["masks"]:
+        from .masks import main as masks_main
+
+        return masks_main(argv[1:])
     args = build_parser(prog).parse_args(argv)
     if args.benchmark == "summary":  # reads records only: no torch device needed
         from .summary import run

@@ -4,16 +4,23 @@ Two parts, each for every rule in ``maskconnect.connectivity.MASK_RULES``:
 
 * ``planted``: connectivity where the right answer is known. In every module that a mask reads
   (modules 1 .. L-1), a fixed, seeded subset of the branches is made useless: its output is replaced
-  by something that carries no information about the image, so reading it can only hurt. Two
+  by something that carries no information about the image, so reading it can only hurt. Four
   constructions, so that no rule is tuned to one of them:
 
   - ``shuffle``: the branch's own output, permuted across the batch (same statistics, wrong image);
-  - ``noise``: Gaussian noise with the branch output's per-channel mean and std (detached).
+  - ``noise``: Gaussian noise with the branch output's per-channel mean and std (detached);
+  - ``decoy-noise`` / ``decoy-shuffle``: the same, but with the statistics (or the permuted outputs)
+    of the module's *clean* branches. Under the first two the network can make a useless branch
+    nearly harmless by shrinking it (measured: the useless branches' RMS falls to about 0.55 of the
+    clean ones'); a decoy keeps the clean branches' scale, so only the masks can avoid it.
 
   The last module feeds the output node (every branch is read), so it is left clean. For each rule
   and seed we record the fraction of frozen mask ones that land on clean sources (chance = the clean
-  fraction), test top-1 of Learned and of Fixed-Random at the same K (same seeds, same planted
-  branches), Welch's t-test between them (scipy), and the saturation statistics at freezing.
+  fraction), over all rows and over the *live* rows: a row belongs to a branch of the next module,
+  and if that branch is itself useless its output is replaced, nothing depends on its input, and the
+  row gets no learning signal at all (3 of every 8 rows of modules 1 .. L-2 here). Also: test top-1 of
+  Learned and of Fixed-Random at the same K (same seeds, same planted branches), Welch's t-test
+  between them (scipy), and the saturation statistics at freezing.
 
 * ``schedule``: digits {20,4,8}, learned, through the suite's own ``train()``: the issue's run
   (mask LR 1.0, 30 epochs, freezing at 15) and the paper-length equivalent. The paper's CIFAR joint
@@ -27,7 +34,7 @@ Two parts, each for every rule in ``maskconnect.connectivity.MASK_RULES``:
 
 Everything runs on the CPU, one thread per run, runs in parallel processes (``--jobs``).
 
-    PYTHONPATH=src python -m bench masks                      # both parts (about 35 CPU minutes)
+    PYTHONPATH=src python -m bench masks                      # both parts (about an hour on 2 cores)
     PYTHONPATH=src python -m bench masks --part planted --quick
 """
 
@@ -78,6 +85,28 @@ def planted_sources(num_masks: int, cardinality: int, noisy: int, seed: int):
     keys = torch.rand(num_masks, cardinality, generator=g)
     idx = keys.argsort(-1)[:, :noisy]
     return torch.zeros(num_masks, cardinality, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def live_rows(useless):
+    """(num_masks, C) bool: the mask rows whose branch's output is used.
+
+    Mask i, row j is the input of branch j of module i+1. If that branch is itself useless, its output
+    is replaced, nothing downstream depends on its input, and its row gets no learning signal: its
+    wiring is arbitrary under any rule. The last module (row L-2) is never planted, so all its rows are live.
+    """
+    import torch
+
+    return torch.cat([~useless[1:], torch.ones(1, useless.shape[1], dtype=torch.bool)])
+
+
+def clean_share(masks, useless, live_only: bool = False) -> float:
+    """Fraction of the ones of binary ``masks`` (num_masks, C rows, C sources) on clean sources
+    (``useless[i]``: the useless sources of mask i), over all rows or only the live ones."""
+    clean = (~useless).unsqueeze(1).expand_as(masks)
+    if live_only:
+        keep = live_rows(useless)
+        masks, clean = masks[keep], clean[keep]
+    return float((masks * clean).sum() / masks.sum())
 
 
 def _plant(model, useless, construction: str) -> None:
@@ -172,8 +201,9 @@ def run_planted(r: PlantedRun) -> dict:
                            "training path bypasses MaskedBlock.forward")
     ev = evaluate(model, data.test_batches(), precision, 10)
     masks = bank.binary
-    on_clean = float((masks * (~useless).float().unsqueeze(1)).sum() / masks.sum())
-    return {**r.__dict__, "mask_lr": mask_lr, "mask_lr_given": r.mask_lr is not None, "top1": ev["test_top1"], "on_clean": on_clean, "clean_fraction": 1 - r.noisy / spec.cardinality,
+    on_clean = clean_share(masks, useless)
+    on_clean_live = clean_share(masks, useless, live_only=True)
+    return {**r.__dict__, "mask_lr": mask_lr, "mask_lr_given": r.mask_lr is not None, "top1": ev["test_top1"], "on_clean": on_clean, "on_clean_live": on_clean_live, "clean_fraction": 1 - r.noisy / spec.cardinality,
             "ties_at_freeze": ties, "stats_at_freeze": at_freeze,
             "useless_rms_ratio": rms["useless"] / rms["clean"] if rms["clean"] else None, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -230,7 +260,7 @@ def planted(args) -> dict:
 
     seeds = range(args.seeds)
     epochs = 4 if args.quick else args.planted_epochs
-    kw = dict(epochs=epochs, mask_lr=args.planted_mask_lr, settle=args.planted_settle)
+    kw = dict(epochs=epochs, mask_lr=args.planted_mask_lr, settle=args.planted_settle, noisy=args.noisy)
     runs = [PlantedRun(c, "learned", rule, s, **kw) for c in args.constructions for rule in MASK_RULES for s in seeds]
     runs += [PlantedRun(c, "random", "-", s, **kw) for c in args.constructions for s in seeds]
     res = _pool(run_planted, runs, args.jobs)
@@ -238,6 +268,7 @@ def planted(args) -> dict:
     for c in args.constructions:
         rnd = [x["top1"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
         rnd_clean = [x["on_clean"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
+        rnd_live = [x["on_clean_live"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
         for rule in MASK_RULES:
             xs = [x for x in res if x["construction"] == c and x["rule"] == rule]
             top = [x["top1"] for x in xs]
@@ -245,6 +276,9 @@ def planted(args) -> dict:
             summary.append({
                 "construction": c, "rule": rule, "seeds": len(xs),
                 "on_clean_mean": _mean([x["on_clean"] for x in xs]), "random_on_clean_mean": _mean(rnd_clean),
+                "on_clean_live_mean": _mean([x["on_clean_live"] for x in xs]), "random_on_clean_live_mean": _mean(rnd_live),
+                "on_clean_live_at_least_90pct": _mean([x["on_clean_live"] for x in xs]) >= 0.9,
+                "useless_rms_ratio_mean": _mean([x["useless_rms_ratio"] for x in xs]),
                 "chance": xs[0]["clean_fraction"], "learned_top1_mean": _mean(top), "random_top1_mean": _mean(rnd),
                 "welch_t": None if t is None else float(t.statistic), "welch_p_two_sided": None if t is None else float(t.pvalue),
                 "learned_beats_random": bool(t is not None and t.statistic > 0 and t.pvalue < 0.05),
@@ -296,14 +330,18 @@ def markdown(rec: dict) -> str:
                   f"digits {{20,4,8}} (stage width {r0['stage_width']}), K = {r0['fan_in']}, {r0['noisy']} of 8 branches "
                   f"useless in modules 1..L-1, {r0['epochs']} epochs (LR /10 at {r0['epochs'] // 2}, masks frozen at {r0['epochs'] // 2 + r0['settle']}), mask LR "
                   f"{r0['mask_lr']}{'' if r0.get('mask_lr_given') else f' (the paper' + chr(39) + f's summed mask LR {PAPER_SUMMED_MASK_LR:.0f} over the joint phase)'}, batch {r0['batch']}. On clean: fraction of frozen mask ones on clean sources "
-                  "(chance = clean fraction). Welch: Learned vs Fixed-Random top-1 (two-sided).", "",
-                  "| construction | rule | seeds | on clean | chance | random on clean | learned top-1 | random top-1 | Welch t | p | ties at freeze | at 1.0 | at 0.0 | entropy |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "(chance = clean fraction), over the *live* rows (rows of branches whose output is used: a useless "
+                  "branch's own row gets no learning signal, so its wiring is arbitrary under any rule) and over all rows. "
+                  "Welch: Learned vs Fixed-Random top-1 (two-sided). RMS ratio: evaluation RMS of the useless branches' "
+                  "own outputs over the clean ones' (the network shrinking what it cannot use).", "",
+                  "| construction | rule | seeds | on clean (live rows) | on clean (all rows) | chance | random on clean (live / all) | learned top-1 | random top-1 | Welch t | p | ties at freeze | at 1.0 | at 0.0 | entropy | RMS ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in p["summary"]:
-            lines.append(f"| {s['construction']} | {s['rule']} | {s['seeds']} | {_fmt(s['on_clean_mean'])} | {_fmt(s['chance'], 2)} | "
-                         f"{_fmt(s['random_on_clean_mean'])} | {_fmt(s['learned_top1_mean'], 2)} | {_fmt(s['random_top1_mean'], 2)} | "
+            lines.append(f"| {s['construction']} | {s['rule']} | {s['seeds']} | {_fmt(s.get('on_clean_live_mean'))} | {_fmt(s['on_clean_mean'])} | {_fmt(s['chance'], 2)} | "
+                         f"{_fmt(s.get('random_on_clean_live_mean'))} / {_fmt(s['random_on_clean_mean'])} | {_fmt(s['learned_top1_mean'], 2)} | {_fmt(s['random_top1_mean'], 2)} | "
                          f"{_fmt(s['welch_t'], 2)} | {_fmt(s['welch_p_two_sided'], 4)} | {s['ties_at_freeze_total']} | "
-                         f"{_fmt(s['at_1_at_freeze_mean'])} | {_fmt(s['at_0_at_freeze_mean'])} | {_fmt(s['entropy_at_freeze_mean'])} |")
+                         f"{_fmt(s['at_1_at_freeze_mean'])} | {_fmt(s['at_0_at_freeze_mean'])} | {_fmt(s['entropy_at_freeze_mean'])} | "
+                         f"{_fmt(s.get('useless_rms_ratio_mean'), 2)} |")
         lines.append("")
     if "schedule" in rec:
         lines += ["## Long schedule (digits {20,4,8}, learned K=2, seed 0, `train()`)", "",
@@ -332,7 +370,11 @@ def main(argv=None) -> int:
                    help="planted: mask LR (default: the paper's summed mask LR over the joint phase)")
     p.add_argument("--planted-settle", type=int, default=0, dest="planted_settle",
                    help="planted: epochs at LR/10 after the first drop before freezing (default 0; the demo uses 1)")
-    p.add_argument("--constructions", nargs="+", default=["shuffle", "noise"], choices=list(CONSTRUCTIONS))
+    p.add_argument("--constructions", nargs="+", default=list(CONSTRUCTIONS), choices=list(CONSTRUCTIONS),
+                   help="how the useless branches are made (default: all): shuffle (own output permuted across the "
+                        "batch), noise (Gaussian with its own output's statistics), decoy-noise / decoy-shuffle (the "
+                        "same with the clean branches' outputs, so the network cannot shrink a useless branch away)")
+    p.add_argument("--noisy", type=int, default=3, help="useless branches per planted module, of C = 8 (default 3)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -340,6 +382,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.planted_epochs < 2 or args.jobs < 1:
         p.error("--seeds, --jobs must be >= 1 and --planted-epochs >= 2")
+    if not 1 <= args.noisy <= 6:
+        p.error(f"--noisy {args.noisy}: must be in 1..6 (at least K = 2 of the C = 8 branches stay clean)")
     import torch
 
     t0 = time.perf_counter()
