@@ -360,3 +360,16 @@ entries:
     with pytest.raises(ConfigError) as info:
         G.load_grid(str(path))
     assert "mask_rule" in str(info.value) and "softmax" in str(info.value) and "projected" in str(info.value)
+
+
+def test_the_rule_names_in_the_grid_schema_and_recipes_are_the_code_s():
+    # the grid schema (jsonschema, checked before any job) and the recipes spell the rules out;
+    # they must stay the rules connectivity.py implements, and the recipes use the library default
+    from maskconnect.connectivity import DEFAULT_MASK_RULE
+    from maskconnect.grid import SCHEMA_PATH
+    from maskconnect.recipes import RECIPES
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    enum = schema["$defs"]["settings"]["properties"]["train"]["properties"]["mask_rule"]["enum"]
+    assert sorted(enum) == sorted(MASK_RULES)
+    assert {r["mask_rule"] for r in RECIPES.values()} == {DEFAULT_MASK_RULE}
