@@ -167,3 +167,27 @@ def test_backward_runs_and_reaches_every_weight():
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert model.masks.real.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_strided_1x1_shortcut_is_the_strided_convolution(stride, monkeypatch):
+    """The CPU shortcut conv subsamples first; outputs and both gradients are torch's strided conv's."""
+    from maskconnect import models
+
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(5, 6, 9, 8, generator=g)  # odd and even sizes: the stride's last pixel
+    conv = models._Shortcut1x1(6, 4, stride)
+    torch.nn.init.normal_(conv.weight, generator=g)
+    assert conv.weight.shape == (4, 6, 1, 1) and conv.stride == (stride, stride)
+    grad = torch.randn(5, 4, -(-9 // stride), -(-8 // stride), generator=g)
+    got = {}
+    for fast in (True, False):
+        monkeypatch.setattr(models, "SUBSAMPLE_STRIDED_1X1_ON_CPU", fast)
+        xi, w = x.clone().requires_grad_(), conv.weight.detach().clone().requires_grad_()
+        y = models.conv1x1(xi, w, stride) if fast else torch.nn.functional.conv2d(xi, w, stride=stride)
+        y.backward(grad)
+        got[fast] = (y, xi.grad, w.grad)
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(models, "SUBSAMPLE_STRIDED_1X1_ON_CPU", True)
+    torch.testing.assert_close(conv(x), got[False][0], rtol=1e-5, atol=1e-5)

@@ -34,6 +34,39 @@ def _bn(ch: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(ch)
 
 
+# The projection shortcut P (a 1x1 conv, stride 2 where a stage starts) runs on a CPU as a subsampling
+# followed by a stride-1 conv. Same function (a 1x1 kernel without padding reads only the pixels the
+# stride lands on); oneDNN's strided 1x1 kernels are the slow ones. Measured (one thread, fwd+bwd of
+# the conv alone, torch 2.15, 2-core dev box; the whole-step effect is in bench/results'
+# throughput records): {20,4,8} digits shapes, the masked model's per-branch
+# projection (512 maps, 64->128 at 8x8 and 128->256 at 4x4): 29.2 -> 9.2 ms and 12.3 -> 8.4 ms;
+# {29,64,8} shapes at batch 8 (64 maps, 256->512 at 32x32 and 512->1024 at 16x16): 410 -> 311 ms and
+# 247 -> 157 ms. On a GPU the strided convolution (cuDNN) is kept.
+SUBSAMPLE_STRIDED_1X1_ON_CPU = True
+
+
+def conv1x1(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, stride=stride)`` for a 1x1 kernel, no padding, no bias."""
+    if stride != 1 and SUBSAMPLE_STRIDED_1X1_ON_CPU and x.device.type == "cpu":
+        return F.conv2d(x[:, :, ::stride, ::stride], weight)
+    return F.conv2d(x, weight, stride=stride)
+
+
+class _Shortcut1x1(nn.Conv2d):
+    """The projection shortcut's conv: an ``nn.Conv2d`` (same parameters and state-dict keys, so a
+    torchvision state dict still loads) whose forward pass is :func:`conv1x1`."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__(in_ch, out_ch, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv1x1(x, self.weight, self.stride[0])
+
+
+def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(_Shortcut1x1(in_ch, out_ch, stride), _bn(out_ch))
+
+
 def _stem(spec: ModelSpec) -> tuple[nn.Module, nn.Module, nn.Module]:
     if spec.layout == "imagenet":
         conv = nn.Conv2d(spec.in_channels, STEM_WIDTH, 7, stride=2, padding=3, bias=False)
@@ -91,7 +124,7 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+            self.downsample = _shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -151,7 +184,7 @@ class MaskedBlock(nn.Module):
         self.bn3 = _bn(out_ch)  # shared by the n branches: applied to the (N*n, out, H, W) view
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _bn(out_ch))
+            self.downsample = _shortcut(in_ch, out_ch, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         n, out_ch = self.branches, self.out_ch
@@ -204,7 +237,7 @@ class MaskedBlock(nn.Module):
         pass) is the BN module's own, which updates the running statistics; the recomputation in the
         backward pass normalises by the same batch statistics and updates nothing."""
         conv, bn = self.downsample
-        d = F.conv2d(x.reshape(x.shape[0] * self.branches, self.in_ch, x.shape[-2], x.shape[-1]), w, stride=conv.stride)
+        d = conv1x1(x.reshape(x.shape[0] * self.branches, self.in_ch, x.shape[-2], x.shape[-1]), w, conv.stride[0])
         return bn(d) if first else F.batch_norm(d, None, None, g, b, True, 0.0, bn.eps)
 
 
