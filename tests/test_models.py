@@ -191,3 +191,33 @@ def test_strided_1x1_shortcut_is_the_strided_convolution(stride, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(models, "SUBSAMPLE_STRIDED_1X1_ON_CPU", True)
     torch.testing.assert_close(conv(x), got[False][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 4), (4, 4)])
+def test_small_map_batch_norm_is_torch_batch_norm(hw):
+    """The channels-last BN for small maps: output, input/weight/bias gradients, running statistics and
+    the batch counter equal torch's own training-mode batch norm (F.batch_norm, not our module)."""
+    from maskconnect import models
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 5, *hw, generator=g) * 3 + 1
+    grad = torch.randn(x.shape, generator=g)
+    bn = models._bn(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.normal_(generator=g)
+    w, b = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(5), torch.ones(5)
+    xr = x.clone().requires_grad_()
+    ref = torch.nn.functional.batch_norm(xr, rm, rv, w, b, True, 0.1, 1e-5)
+    ref.backward(grad)
+    xi = x.clone().requires_grad_()
+    out = bn(xi)
+    out.backward(grad)
+    assert out.is_contiguous() and xi.grad.is_contiguous()
+    for got, want in [(out, ref), (xi.grad, xr.grad), (bn.weight.grad, w.grad), (bn.bias.grad, b.grad),
+                      (bn.running_mean, rm), (bn.running_var, rv)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1
+    bn.eval()
+    torch.testing.assert_close(bn(x), torch.nn.functional.batch_norm(x, rm, rv, w.detach(), b.detach(), False))
