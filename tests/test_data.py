@@ -181,6 +181,25 @@ def test_digits_fixed_split_and_normalisation():
     assert a.x_train.min() == 0 and a.x_train.max() == 16
 
 
+def test_digits_are_scikit_learns_load_digits(monkeypatch):
+    """The CSV read without importing scikit-learn gives load_digits' images and labels, in its order;
+    without the file, load_digits itself is used."""
+    from sklearn.datasets import load_digits
+
+    from maskconnect.data import sources
+
+    ref = load_digits()
+    for missing in (False, True):
+        if missing:
+            monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+        pixels, labels = sources._read_digits()
+        assert np.array_equal(pixels, ref.data) and np.array_equal(labels, ref.target)
+    xtr, ytr, xte, yte, _, _ = sources.load_digits_tensors()
+    test = sources.digits_split(ref.target)
+    assert torch.equal(xte, torch.from_numpy(ref.images[test].astype(np.float32))[:, None])
+    assert torch.equal(ytr, torch.from_numpy(ref.target[~test]))
+
+
 def test_digits_augmentation_is_shift_without_flip():
     b = build_data("digits", seed=3, batch_size=500)
     draws = b.epoch_draws(2)
