@@ -93,6 +93,10 @@ def _context(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cpu":
+        from maskconnect.engine import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as training does (maskconnect/engine.py)
     return make_context(device, quick=args.quick, steps=args.steps, warmup=args.warmup, batch=args.batch,
                         out=args.out, compile=args.compile, tag=args.tag, data_dir=args.data_dir,
                         peak_tflops=args.peak_tflops, imagenet_batch=args.imagenet_batch,

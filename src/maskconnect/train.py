@@ -28,7 +28,7 @@ from .connectivity import (
     changed_rows, current_masks, freeze_masks, live_branches, mask_banks, mask_rule,
     mask_stats, masks_frozen, param_groups,
 )
-from .engine import Precision, evaluate, resolve_device, train_step
+from .engine import Precision, evaluate, resolve_device, train_step, tune_cpu_allocator
 from .errors import ConfigError, RunDirError, TrainingDiverged
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .models import build_model
@@ -313,6 +313,8 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
     dist = Distributed.from_env()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     if dist.world > 1:
         device = _init_distributed(dist, device)
     # rank 0 inspects (and may move aside) the run directory; every rank follows its verdict
