@@ -260,8 +260,10 @@ def planted(args) -> dict:
 
     seeds = range(args.seeds)
     epochs = 4 if args.quick else args.planted_epochs
-    kw = dict(epochs=epochs, mask_lr=args.planted_mask_lr, settle=args.planted_settle, noisy=args.noisy)
-    runs = [PlantedRun(c, "learned", rule, s, **kw) for c in args.constructions for rule in MASK_RULES for s in seeds]
+    rules = args.rules or list(MASK_RULES)
+    kw = dict(epochs=epochs, mask_lr=args.planted_mask_lr, settle=args.planted_settle, noisy=args.noisy,
+              fan_in=args.fan_in)
+    runs = [PlantedRun(c, "learned", rule, s, **kw) for c in args.constructions for rule in rules for s in seeds]
     runs += [PlantedRun(c, "random", "-", s, **kw) for c in args.constructions for s in seeds]
     res = _pool(run_planted, runs, args.jobs)
     summary = []
@@ -269,7 +271,7 @@ def planted(args) -> dict:
         rnd = [x["top1"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
         rnd_clean = [x["on_clean"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
         rnd_live = [x["on_clean_live"] for x in res if x["construction"] == c and x["connectivity"] == "random"]
-        for rule in MASK_RULES:
+        for rule in rules:
             xs = [x for x in res if x["construction"] == c and x["rule"] == rule]
             top = [x["top1"] for x in xs]
             t = stats.ttest_ind(top, rnd, equal_var=False) if len(top) > 1 else None
@@ -375,6 +377,11 @@ def main(argv=None) -> int:
                         "batch), noise (Gaussian with its own output's statistics), decoy-noise / decoy-shuffle (the "
                         "same with the clean branches' outputs, so the network cannot shrink a useless branch away)")
     p.add_argument("--noisy", type=int, default=3, help="useless branches per planted module, of C = 8 (default 3)")
+    p.add_argument("--fan-in", type=int, default=2, dest="fan_in",
+                   help="planted: fan-in K of the Learned and Fixed-Random runs (default 2; at K = 1 a branch that "
+                        "reads a useless source gets nothing else)")
+    p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
+                   help="planted: the mask rules to run (default: every rule in maskconnect.connectivity.MASK_RULES)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -384,6 +391,14 @@ def main(argv=None) -> int:
         p.error("--seeds, --jobs must be >= 1 and --planted-epochs >= 2")
     if not 1 <= args.noisy <= 6:
         p.error(f"--noisy {args.noisy}: must be in 1..6 (at least K = 2 of the C = 8 branches stay clean)")
+    if not 1 <= args.fan_in <= 8 - args.noisy:
+        p.error(f"--fan-in {args.fan_in}: must be in 1..{8 - args.noisy} (at most the {8 - args.noisy} clean branches "
+                f"of C = 8 with --noisy {args.noisy})")
+    from maskconnect.connectivity import MASK_RULES
+
+    bad = [r for r in args.rules or [] if r not in MASK_RULES]
+    if bad:
+        p.error(f"--rules {' '.join(bad)}: unknown; allowed: {', '.join(MASK_RULES)}")
     import torch
 
     t0 = time.perf_counter()

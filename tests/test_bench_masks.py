@@ -75,3 +75,18 @@ def test_decoys_carry_the_clean_branches_scale(construction):
     sel, keep = useless[0], ~useless[0]
     ratio = float(y[:, sel].pow(2).mean().sqrt() / y[:, keep].pow(2).mean().sqrt())
     assert 0.7 < ratio < 1.4, ratio  # the decoy's scale is the clean branches', not the shrunk branch's
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fan-in", "6"], "--fan-in 6: must be in 1..5"),
+    (["--fan-in", "0"], "--fan-in 0: must be in 1..5"),
+    (["--noisy", "5", "--fan-in", "4"], "--fan-in 4: must be in 1..3"),
+    (["--rules", "projected", "softmax"], "--rules softmax: unknown; allowed: clip, centred, projected"),
+])
+def test_bad_fan_in_or_rule_is_refused_before_any_training(argv, message, capsys, tmp_path):
+    from bench.masks import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
