@@ -52,6 +52,23 @@ def _bn_layout(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if _small_maps(x) else x
 
 
+def _bn_train_forward(x: Tensor, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN of ``x`` with ``bn``'s running statistics and hyper-parameters, run in
+    :func:`_bn_layout`; returns the output (contiguous), the batch mean and the inverse std."""
+    out, mean, invstd = torch.ops.aten.native_batch_norm(_bn_layout(x), weight, bias, bn.running_mean,
+                                                         bn.running_var, True, bn.momentum, bn.eps)
+    return out.contiguous(), mean, invstd
+
+
+def _bn_train_backward(g: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, eps: float,
+                       need: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients (input, weight, bias) of :func:`_bn_train_forward`, in the same layout; the input
+    gradient is returned contiguous."""
+    gi, gw, gb = torch.ops.aten.native_batch_norm_backward(_bn_layout(g), _bn_layout(x), weight, None, None, mean,
+                                                           invstd, True, eps, need)
+    return (None if gi is None else gi.contiguous()), gw, gb
+
+
 class _BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys) that takes the channels-last
     kernel for small maps in training on a CPU (:data:`SMALL_MAP_PIXELS`)."""
@@ -70,21 +87,16 @@ class _ChannelsLastBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, bn: nn.BatchNorm2d):
-        xc = _bn_layout(x)
-        out, mean, invstd = torch.ops.aten.native_batch_norm(xc, weight, bias, bn.running_mean, bn.running_var,
-                                                             True, bn.momentum, bn.eps)
+        out, mean, invstd = _bn_train_forward(x, weight, bias, bn)
         ctx.eps = bn.eps
-        ctx.save_for_backward(xc, weight, mean, invstd)
-        return out.contiguous()
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xc, weight, mean, invstd = ctx.saved_tensors
+        x, weight, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        gi, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            _bn_layout(g), xc, weight, None, None, mean, invstd, True, ctx.eps,
-            [need[0], need[1], need[2]])
-        return (None if gi is None else gi.contiguous()), gw, gb, None
+        return (*_bn_train_backward(g, x, weight, mean, invstd, ctx.eps, [need[0], need[1], need[2]]), None)
 
 
 # The projection shortcut P (a 1x1 conv, stride 2 where a stage starts) runs on a CPU as a subsampling
@@ -373,12 +385,11 @@ class _SharedBNTail(torch.autograd.Function):
         bn = block.bn3
         h = grouped_1x1(h2, w3, block.branches)
         hv = h.reshape(h.shape[0] * block.branches, block.out_ch, h.shape[-2], h.shape[-1])
-        out, mean, invstd = torch.ops.aten.native_batch_norm(_bn_layout(hv), g3, b3, bn.running_mean, bn.running_var,
-                                                             True, bn.momentum, bn.eps)
+        out, mean, invstd = _bn_train_forward(hv, g3, b3, bn)
         bn.num_batches_tracked.add_(1)
         ctx.block, ctx.autocast = block, _autocast_state(h2.device.type)
         ctx.save_for_backward(h2, w3, g3, mean, invstd)
-        return out.contiguous()
+        return out
 
     @staticmethod
     def backward(ctx, g_out: Tensor):
@@ -389,10 +400,8 @@ class _SharedBNTail(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
             h = grouped_1x1(h2, w3, block.branches)
         hv = h.reshape(h.shape[0] * block.branches, block.out_ch, h.shape[-2], h.shape[-1])
-        gh, g_g3, g_b3 = torch.ops.aten.native_batch_norm_backward(_bn_layout(g_out), _bn_layout(hv), g3, None, None,
-                                                                   mean, invstd, True, block.bn3.eps,
-                                                                   [True, need[2], need[3]])
-        g_h2, g_w3 = _conv1x1_backward(gh.contiguous().reshape(h.shape), h2.to(h.dtype), w3, block.branches, need[0], need[1])
+        gh, g_g3, g_b3 = _bn_train_backward(g_out, hv, g3, mean, invstd, block.bn3.eps, [True, need[2], need[3]])
+        g_h2, g_w3 = _conv1x1_backward(gh.reshape(h.shape), h2.to(h.dtype), w3, block.branches, need[0], need[1])
         return None, g_h2, g_w3, g_g3, g_b3
 
 
