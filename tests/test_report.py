@@ -32,7 +32,8 @@ from maskconnect.report.tables import PAPER_TABLES, build_tables, latex_table, m
 
 def write_run(root: Path, dataset: str, arch: str, conn: str, k: int, seed: int, top1: float, *,
               params_train: int = 843_000, params_test: int | None = None, epochs: int = 300,
-              status: str = "complete", history: bool = False, masks: bool = False) -> Path:
+              status: str = "complete", history: bool = False, masks: bool = False,
+              stage_width: int | None = None) -> Path:
     """One run directory laid out as docs/run_format.md says, at <root>/<run_id>."""
     d, w, c = (int(x) for x in arch.split(","))
     run = root / dataset / arch.replace(",", "-") / f"{conn}-K{k}" / f"seed{seed}"
@@ -46,6 +47,8 @@ def write_run(root: Path, dataset: str, arch: str, conn: str, k: int, seed: int,
         "masks": 0 if conn == "full" else 9 * c * c, "flops": 269_000_000, "epochs": epochs,
         "wall_time_s": 1.0, "device": "cpu", "config": {}, "versions": {}, "git_commit": None,
     }
+    if stage_width is not None:
+        metrics["stage_width"] = stage_width
     (run / "metrics.json").write_text(json.dumps(metrics))
     if history:
         lines = ["epoch,phase,lr,mask_lr,train_loss,train_top1,test_loss,test_top1,test_top5,"
@@ -353,6 +356,21 @@ def test_demo_dataset_is_labelled_as_not_evidence(tmp_path):
     assert text.count("(demo on `digits`, not evidence about the paper)") == 4
     # Fixed-Random was not run: claim 2 cannot be judged
     assert re.search(r"Claim 2: .*?\*\*Verdict: inconclusive\*\*", text, re.S)
+
+
+def test_a_stage_width_other_than_the_papers_is_named_in_the_report(tmp_path):
+    # {20,4,8} is a paper model with stage width 64 (design.md); the demo grid runs it at 32
+    res = tmp_path / "results"
+    for seed in range(2):
+        write_run(res, "digits", "20,4,8", "full", 8, seed, 95.0 + seed, epochs=3, stage_width=32)
+        write_run(res, "cifar100", "20,4,8", "full", 8, seed, 70.0 + seed, epochs=3, stage_width=64)
+        write_run(res, "cifar100", "29,8,8", "full", 8, seed, 72.0 + seed, epochs=3)  # older run format
+    build_report(res, tmp_path / "out")
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    sections = {part.split("`")[1]: part for part in re.split(r"#+ Claims on ", text)[1:]}
+    assert "{20,4,8} at stage width 32 (the paper's: 64)" in sections["digits"]
+    assert "Stage widths differ" not in sections["cifar100"]  # the paper's width, or none recorded
+    assert text.count("Stage widths differ from the paper's") == 1
 
 
 def test_claim_verdicts_follow_the_tests(tmp_path):

@@ -40,6 +40,7 @@ def test_issue_digits_learned_run(tmp_path):
         assert key in m, key
     assert m["top1"] > 80.0, m["top1"]
     assert m["epochs"] == 3 and m["seed"] == 0 and m["config"]["fan_in"] == 4
+    assert m["stage_width"] == 64 and m["config"]["stage_width"] is None  # resolved: the paper's {20,4,8}
     from maskconnect.connectivity import count_weights
     from maskconnect.models import build_model
     from maskconnect.specs import make_spec

@@ -527,8 +527,8 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
     metrics = {
         "status": "complete",
         "dataset": cfg.dataset, "arch": spec.arch, "depth": spec.depth, "width": spec.width,
-        "cardinality": spec.cardinality, "connectivity": spec.connectivity, "fan_in": spec.fan_in, "seed": cfg.seed,
-        "top1": last["test_top1"], "top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
+        "cardinality": spec.cardinality, "stage_width": spec.stage_width, "connectivity": spec.connectivity,
+        "fan_in": spec.fan_in, "seed": cfg.seed, "top1": last["test_top1"], "top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
         "best_epoch": best["epoch"], "test_loss": last["test_loss"],
         "params_train": report["params_train"], "params_test": report["params_test"], "masks": report["masks"],
         "branches_test": report["branches_test"], "flops": flops, "flops_test": flops_test,

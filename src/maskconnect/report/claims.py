@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .dynamics import dynamics_markdown
-from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_datasets, paper_stats
+from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_datasets, paper_stage_width, paper_stats
 from .runs import KEY, run_id_of
 from .stats import ALPHA, WelchResult, t_interval, welch
 from .tables import markdown_document
@@ -265,6 +265,23 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _stage_width_note(d: pd.DataFrame) -> str:
+    """A line naming the models whose runs use a stage width other than the paper's (``stage_width``
+    in a grid's ``train``), since {D,w,C} alone then does not say which network it is; '' if none."""
+    if "stage_width" not in d:
+        return ""
+    odd = []
+    for arch, g in d.groupby("arch", sort=True):
+        paper = paper_stage_width(arch)
+        used = sorted({int(v) for v in g["stage_width"].dropna()})
+        if paper is not None and used and used != [paper]:
+            odd.append(f"{model_label(arch)} at stage width {', '.join(map(str, used))} (the paper's: {paper})")
+    if not odd:
+        return ""
+    return ("Stage widths differ from the paper's: " + "; ".join(odd)
+            + ". Parameter counts, FLOPs and accuracies are those of this network, not of the paper's model.")
+
+
 def claims_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
     """The claims section for one dataset: a table of findings and a verdict line per claim."""
     h = "#" * level
@@ -275,7 +292,10 @@ def claims_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
         lines += [f"> **Demo, not evidence about the paper.** `{dataset}` is not a dataset of the paper, and "
                   "its models are not the paper's configurations. The verdicts below say whether the claims "
                   "hold on this demo; they say nothing about whether the paper's results reproduce.", ""]
-    else:
+    narrow = _stage_width_note(d)
+    if narrow:
+        lines += [f"> {narrow}", ""]
+    if not demo:
         odd = [m for m in d["arch"].unique() if paper_stats(dataset, m, "full", (model_parts(m) or (0, 0, 0))[2])
                is None]
         if odd:

@@ -122,6 +122,17 @@ def paper_configs(source: str) -> pd.DataFrame:
             .reset_index(drop=True))
 
 
+def paper_stage_width(model) -> int | None:
+    """The output width of stage 1 in the paper's network {D,w,C} (64/256 for the CIFAR models, 256 for
+    ImageNet; ``maskconnect.specs``); None for a model the paper does not have."""
+    from ..specs import CIFAR_STAGE_WIDTH, IMAGENET_STAGE_WIDTH, PAPER_ARCHS
+
+    parts = model_parts(model)
+    if parts in PAPER_ARCHS["imagenet"]:
+        return IMAGENET_STAGE_WIDTH
+    return CIFAR_STAGE_WIDTH.get(parts)
+
+
 def paper_datasets() -> set[str]:
     """Datasets the paper reports results on (cifar10, cifar100, imagenet)."""
     return set(_reference()["dataset"].unique())

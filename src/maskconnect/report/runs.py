@@ -18,7 +18,7 @@ from .paper import model_parts, normalize_model
 
 # Columns of the runs table, in order. Accuracies in %, parameters and FLOPs as counts.
 RUN_COLUMNS = [
-    "grid", "dataset", "arch", "depth", "width", "cardinality", "connectivity", "fan_in", "seed",
+    "grid", "dataset", "arch", "depth", "width", "cardinality", "stage_width", "connectivity", "fan_in", "seed",
     "top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test", "masks",
     "flops", "epochs", "wall_time_s", "device", "run_id", "path",
 ]

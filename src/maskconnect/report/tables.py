@@ -119,7 +119,7 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
     df = _sort_key(df).sort_values(["dataset", "_m", "_c", "fan_in"]).drop(columns=["_m", "_c"])
     for c in df.columns:
         if c.endswith("_reason"):
-            df[c] = df[c].fillna("")
+            df[c] = df[c].astype(object).fillna("")
     return df.reset_index(drop=True)
 
 
