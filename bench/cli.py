@@ -13,7 +13,7 @@ from .common import RESULTS_DIR
 
 MODULES = {"throughput": "throughput", "naive": "naive", "mixing": "mixing", "torchvision": "tv_compare", "inference": "inference",
            "datapath": "datapath", "projection": "projection", "cuda-check": "cuda_check",
-           "memory": "memory"}
+           "memory": "memory", "demo-width": "demo_width"}
 
 HELP = {
     "throughput": "training-step images/s and peak memory: CIFAR configs x {full, random K=4, learned K=4}, "
@@ -29,6 +29,8 @@ HELP = {
               "memory-saving and plain masked paths, CIFAR configs and ImageNet {50,4,32} x {full, random K, learned K}; "
               "peak allocated memory of a training step on CUDA",
     "cuda-check": "bf16 autocast + channels_last (+ compile) vs fp32 reference outputs and gradients (CUDA)",
+    "demo-width": "the demo network's training step at stage width 64 (the paper's {20,4,8}) and 32 (the demo "
+                  "grid's): digits, batch 64, Fixed-Full and Learned K=1, 2, 4 (not part of 'all')",
     "all": "every benchmark above (and cuda-check on CUDA), one tag",
     "summary": "Markdown tables (goals, headline numbers) of the newest records in --out, for the README",
 }
@@ -75,7 +77,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                                      "writes a JSON record under --out and prints a table.")
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     sub.required = True
-    for name in (*BENCHMARKS, "cuda-check", "all", "summary"):
+    for name in (*BENCHMARKS, "cuda-check", "demo-width", "all", "summary"):
         sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
     # its own options (bench/masks.py); main() hands its arguments over before parsing
     sub.add_parser("masks", add_help=False, help="the mask update rules (issue 10): planted connectivity and the long "

@@ -125,6 +125,22 @@ def test_smoke_projection_is_labelled_cpu(smoke):
     assert "CPU projection" in md and "not GPU-hours" in md and "| paper | 109 |" in md
 
 
+def test_demo_width_record_compares_each_model_with_its_width_64_self_and_full(tmp_path):
+    from bench.common import make_context
+    from bench.demo_width import KINDS, WIDTHS, run
+
+    ctx = make_context(torch.device("cpu"), quick=True, steps=1, warmup=1, batch=4, out=tmp_path, tag="t")
+    rec = json.loads(run(ctx).read_text())
+    rows = {(r["stage_width"], r["connectivity"], r["fan_in"]): r for r in rec["results"]}
+    assert len(rows) == len(WIDTHS) * len(KINDS) and rec["batch"] == 4
+    for (width, conn, k), r in rows.items():
+        assert r["time_vs_width_64"] == pytest.approx(r["median"] / rows[(64, conn, k)]["median"])
+        assert r["time_vs_full_same_width"] == pytest.approx(r["median"] / rows[(width, "full", 8)]["median"])
+    # the same {D,w,C} at half the stage width: fewer weights, the same for every connectivity (masks aside)
+    assert rows[(32, "full", 8)]["params"] < rows[(64, "full", 8)]["params"]
+    assert {r["params"] for key, r in rows.items() if key[0] == 32} == {rows[(32, "full", 8)]["params"]}
+
+
 # --- the naive loop is the same maths --------------------------------------------------------------
 
 @pytest.mark.parametrize("connectivity,k", [("learned", 2), ("random", 2), ("learned", 4)])
