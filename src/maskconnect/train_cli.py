@@ -60,7 +60,8 @@ def register(sub) -> None:
     g.add_argument("--data-dir", dest="data_dir", help="dataset folder (default ./data; ImageNet: ./data/imagenet)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, help="DataLoader workers (ImageNet)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (CUDA)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (any device; on a CPU the masked mixing measured slower compiled: bench/README.md)")
     g.add_argument("--amp", type=_bool, nargs="?", const=True, metavar="BOOL",
                    help="bf16 autocast (default: on for CUDA, off for the CPU; given, it applies on either)")
     g.add_argument("--channels-last", dest="channels_last", type=_bool, nargs="?", const=True, metavar="BOOL",
