@@ -43,12 +43,9 @@ def run(ctx: Context) -> Path:
     # measure() interleaves the workloads' repeats, so both widths see the same machine state
     ms = measure(ws, device=ctx.device, warmup=warmup, repeats=repeats)
     by = {(w.info["stage_width"], w.info["connectivity"], w.info["fan_in"]): ms[w.name] for w in ws}
-    results = []
-    for w in ws:
-        key = (w.info["stage_width"], w.info["connectivity"], w.info["fan_in"])
-        m = ms[w.name]
-        results.append(result_row(m, time_vs_width_64=m.median / by[(WIDTHS[0], *key[1:])].median,
-                                  time_vs_full_same_width=m.median / by[(key[0], "full", 8)].median))
+    results = [result_row(m, time_vs_width_64=m.median / by[(WIDTHS[0], conn, k)].median,
+                          time_vs_full_same_width=m.median / by[(width, "full", 8)].median)
+               for (width, conn, k), m in by.items()]
     del ws
     free_memory(ctx.device)
     rec = make_record(ctx, "demo-width", batch=batch, warmup=warmup, repeats=repeats,
