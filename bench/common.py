@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,9 +24,9 @@ from torch import nn
 
 from maskconnect.engine import Precision
 from maskconnect.io import atomic_write_json
+from maskconnect.provenance import device_kind, device_name, environment  # noqa: F401 (re-exported)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORD_VERSION = 1
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name. Matched in order, so the more
@@ -109,59 +105,7 @@ def make_context(device: torch.device, **kw) -> Context:
 
 # --- environment -----------------------------------------------------------------------------------
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-
-
-def device_kind(device: torch.device) -> str:
-    """Short file-name tag: ``cpu`` or ``cuda-<gpu model>``, e.g. ``cuda-h100-80gb-hbm3``."""
-    if device.type != "cuda":
-        return "cpu"
-    name = device_name(device).lower().replace("nvidia", "")
-    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    import torchvision
-
-    cuda = device.type == "cuda"
-    env = {
-        "device": device.type,
-        "device_name": device_name(device),
-        "device_kind": device_kind(device),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "cuda_version": torch.version.cuda if cuda else None,
-        "cudnn_version": torch.backends.cudnn.version() if cuda else None,
-        "python_version": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "git_commit": _git_commit(),
-    }
-    if cuda:
-        props = torch.cuda.get_device_properties(device)
-        env["gpu_memory_bytes"] = int(props.total_memory)
-        env["gpu_capability"] = f"{props.major}.{props.minor}"
-    return env
+# One home for what a record says about the machine (maskconnect.provenance, also used by the preflight).
 
 
 def peak_tflops(ctx: Context) -> tuple[float | None, str]:

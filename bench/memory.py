@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import maskconnect.models as models
-from maskconnect.describe import count_flops
+from maskconnect.describe import count_flops, saved_bytes  # noqa: F401 (saved_bytes: re-exported)
 from maskconnect.models import build_model
 
 from .common import Context, finish, fmt_num, free_memory, goal, make_record
@@ -47,28 +47,6 @@ GPU_BYTES = 80 * 10**9  # "80 GB" as sold (H100/A100 80GB)
 # Issue 12: learned / full activation bytes per image, at most ~10% above the floor (one branch tensor
 # per masked module on top of ResNeXt's own tensors).
 GOAL_RATIO = {"29,64,8": 1.6, "20,4,8": 2.2, IMAGENET_ARCH: 7.5}
-
-
-def saved_bytes(model: nn.Module, x: torch.Tensor) -> dict:
-    """Bytes of the distinct storages autograd saves in one forward pass of ``model`` on ``x``
-    (training mode, grad enabled): ``activations`` (not parameters), ``parameters`` (parameter storages
-    that were saved) and ``total``. Also ``tensors``: how many distinct storages."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-    keep = []  # hold every saved tensor, so no storage is freed and its address reused while counting
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        keep.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    act = sum(n for p, n in seen.items() if p not in params)
-    par = sum(n for p, n in seen.items() if p in params)
-    del out, keep
-    return {"activations": act, "parameters": par, "total": act + par, "tensors": len(seen)}
 
 
 def _cuda_peak_step(model: nn.Module, x: torch.Tensor, ctx: Context) -> int:

@@ -1,4 +1,4 @@
-"""Model accounting: parameters before/after pruning, FLOPs, modules and branches."""
+"""Model accounting: parameters before/after pruning, FLOPs, bytes kept for the backward pass, modules and branches."""
 
 from __future__ import annotations
 
@@ -25,6 +25,28 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with counter, torch.no_grad():
         meta(x)
     return int(counter.get_total_flops())
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> dict:
+    """Bytes of the distinct storages autograd saves in one forward pass of ``model`` on ``x``
+    (training mode, grad enabled): ``activations`` (not parameters), ``parameters`` (parameter storages
+    that were saved) and ``total``. Also ``tensors``: how many distinct storages."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    keep = []  # hold every saved tensor, so no storage is freed and its address reused while counting
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        keep.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    act = sum(n for p, n in seen.items() if p not in params)
+    par = sum(n for p, n in seen.items() if p in params)
+    del out, keep
+    return {"activations": act, "parameters": par, "total": act + par, "tensors": len(seen)}
 
 
 def describe(spec: ModelSpec) -> dict:

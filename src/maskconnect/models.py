@@ -18,7 +18,8 @@ ResNeXt baseline (masks aside).
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ def _bn(ch: int) -> nn.BatchNorm2d:
 # batch statistics). Measured (one thread, fwd+bwd incl. the layout copies, torch 2.15): (512, 256, 2, 2)
 # 9.1 -> 1.5 ms; (512, 128, 4, 4) 4.6 -> 5.1 ms (not used there), (512, 64, 8, 8) 9.5 -> 15.8 ms.
 SMALL_MAP_PIXELS = 4
+_SMALL_MAP_PIXELS_ON = SMALL_MAP_PIXELS
 
 
 def _small_maps(x: Tensor) -> bool:
@@ -454,6 +456,26 @@ FUSE_MIX_WHEN_COMPILING = False
 # the limit and the backward's recomputation costs speed (measured, 1 thread, {29,64,8} learned K=4 /
 # Fixed-Full: 0.46 saving vs 0.55 plain; digits {20,4,8} K=2 step 249 vs 214 ms). True/False force it.
 SAVE_MEMORY: bool | None = None
+
+
+@contextlib.contextmanager
+def cpu_fast_paths(enabled: bool = True) -> Iterator[None]:
+    """Switch the CPU-only fast paths on or off for the duration of a ``with`` block: grouped 1x1 convs
+    as matmul (:data:`GROUPED_1X1_AS_MATMUL_ON_CPU`), the subsampled strided 1x1
+    (:data:`SUBSAMPLE_STRIDED_1X1_ON_CPU`) and the small-map BN (:data:`SMALL_MAP_PIXELS`).
+
+    ``enabled=False`` makes a CPU run the kernels a GPU runs (the grouped convolution and its
+    ``convolution_backward`` in the saving path, the strided conv, torch's own BN), which is how the
+    tests and ``maskconnect preflight`` cover the CUDA code path on a CPU. Same function either way.
+    """
+    global GROUPED_1X1_AS_MATMUL_ON_CPU, SUBSAMPLE_STRIDED_1X1_ON_CPU, SMALL_MAP_PIXELS
+    before = GROUPED_1X1_AS_MATMUL_ON_CPU, SUBSAMPLE_STRIDED_1X1_ON_CPU, SMALL_MAP_PIXELS
+    GROUPED_1X1_AS_MATMUL_ON_CPU = SUBSAMPLE_STRIDED_1X1_ON_CPU = bool(enabled)
+    SMALL_MAP_PIXELS = _SMALL_MAP_PIXELS_ON if enabled else 0
+    try:
+        yield
+    finally:
+        GROUPED_1X1_AS_MATMUL_ON_CPU, SUBSAMPLE_STRIDED_1X1_ON_CPU, SMALL_MAP_PIXELS = before
 
 
 def mix(mask: Tensor, y: Tensor) -> Tensor:
