@@ -6,6 +6,10 @@
 #     snakemake --cores all --config grid=cifar100   # a paper grid (GPUs; see profiles/)
 #     snakemake -n --config grid=paper               # what would run (109 training jobs)
 #
+# A grid whose runs go to a GPU first runs `maskconnect preflight` (pipelines/rules/preflight.smk):
+# every training job waits for its record, and a failed check stops the pipeline before any training.
+# --config preflight=false skips it, preflight=true forces it (e.g. on the CPU demo).
+#
 # The grid (src/maskconnect/grids/<name>.yaml) is the one definition of the runs; this workflow
 # and dvc.yaml (generated: `maskconnect grid dvc`) only read it. Every rule runs one command of the
 # suite's CLI; the logic is in the package (maskconnect.grid), where it is tested.
@@ -23,6 +27,7 @@ configfile: "pipelines/config.yaml"
 include: "pipelines/rules/common.smk"
 include: "pipelines/rules/data.smk"
 include: "pipelines/rules/tracking.smk"
+include: "pipelines/rules/preflight.smk"
 include: "pipelines/rules/train.smk"
 include: "pipelines/rules/evaluate.smk"
 include: "pipelines/rules/report.smk"

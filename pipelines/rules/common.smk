@@ -24,6 +24,11 @@ try:
 except ConfigError as e:
     raise WorkflowError(f"invalid experiment grid: {e}") from None
 
+try:
+    PREFLIGHT = G.needs_preflight(GRID, config.get("preflight", "auto"))
+except ConfigError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
+
 # (grid, run id) -> maskconnect.grid.Run
 RUNS = {(r.grid, r.run_id): r for r in GRID.runs}
 ENV = "../envs/maskconnect.yaml"
@@ -63,6 +68,12 @@ def runtime_of(run, attempt):
 def attempts_log(step, wildcards):
     """Every attempt's output, appended (Snakemake deletes the declared log before each attempt)."""
     return G.log_file(wildcards.grid, step, wildcards.run).removesuffix(".log") + ".attempts.log"
+
+
+def preflight_input(wildcards):
+    """The grid's preflight record, for the training jobs of a grid that runs one (ancient: a newer
+    record, e.g. after a rerun of the preflight, never re-runs a finished training job)."""
+    return ancient(G.preflight_record(GRID.name)) if PREFLIGHT else []
 
 
 def all_targets():

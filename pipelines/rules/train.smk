@@ -17,6 +17,7 @@ rule train:
     input:
         data=lambda w: ancient(G.data_marker(run_of(w).dataset)),
         store=ancient(G.tracking_marker()),
+        preflight=preflight_input,
     output:
         run_file("metrics.json"),
     params:

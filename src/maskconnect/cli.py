@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_subcommands(sub) -> None:
     """Subcommands that live in their own modules (each imports its heavy dependencies lazily, so --help is quick)."""
     from . import bench_cli, grid_cli, train_cli, track_cli
+    from .preflight import cli as preflight_cli
     from .report import add_report_arguments, run_report
 
     train_cli.register(sub)
@@ -87,6 +88,7 @@ def _register_subcommands(sub) -> None:
     add_report_arguments(p)
     p.set_defaults(func=run_report)
     grid_cli.register(sub)
+    preflight_cli.register(sub)
     bench_cli.register(sub)
 
 

@@ -112,6 +112,11 @@ def log_file(grid: str, step: str, name: str | None = None) -> str:
     return f"{RESULTS}/logs/{grid}/{step}" + (f"/{name}.log" if name else ".log")
 
 
+def preflight_record(grid: str) -> str:
+    """``maskconnect preflight``'s record for a grid; the training jobs of a GPU grid wait for it."""
+    return f"{RESULTS}/preflight/{grid}/preflight.json"
+
+
 def benchmark_file(grid: str, rid: str) -> str:
     return f"{RESULTS}/benchmarks/{grid}/{rid}.tsv"
 
@@ -391,6 +396,25 @@ def tracking_init_command() -> str:
     return f"mkdir -p {Path(tracking_marker()).parent.as_posix()} && maskconnect track init > {tracking_marker()}"
 
 
+def needs_preflight(grid: "Grid", setting: str | bool = "auto") -> bool:
+    """Whether the pipeline runs ``maskconnect preflight`` before the grid's training jobs: ``auto``
+    (the default) for a grid whose runs go to a GPU, ``true``/``false`` to force it."""
+    if isinstance(setting, bool):
+        return setting
+    if setting not in ("auto", "true", "false"):
+        raise ConfigError("preflight", setting, "auto (GPU grids), true or false")
+    if setting != "auto":
+        return setting == "true"
+    return any(r.gpus > 0 or r.device.startswith("cuda") for r in grid.runs)
+
+
+def preflight_command(grid: "Grid") -> str:
+    """The preflight job: one GPU (a GPU grid), the grid's checks, its record."""
+    gpus = 1 if any(r.gpus > 0 for r in grid.runs) else 0
+    out = Path(preflight_record(grid.name)).parent.as_posix()
+    return f"{launcher(gpus)}maskconnect preflight --grid {grid.ref} --out {out}"
+
+
 def train_command(run: Run) -> str:
     # --replace: when a grid's training settings change, the old run is moved aside, not mixed in.
     return (f"{launcher(run.gpus)}maskconnect train {_join(run.train_args())} --out {run.run_dir} "
@@ -460,6 +484,10 @@ def dvc_stages(grid: Grid) -> dict:
     for ds in grid.datasets():
         stages[f"prepare_data-{ds}"] = {"cmd": prepare_command(ds), "outs": [{data_marker(ds): dict(nocache)}]}
     stages["tracking_init"] = {"cmd": tracking_init_command(), "outs": [{tracking_marker(): dict(nocache)}]}
+    preflight = needs_preflight(grid)
+    if preflight:  # a failed check (exit 1) stops `dvc repro` before any training stage
+        stages["preflight"] = {"cmd": preflight_command(grid), "deps": [_project_path(grid.path)],
+                               "outs": [{preflight_record(grid.name): dict(nocache)}]}
     files = {}
     for part in grid.parts:
         runs = grid.runs_of(part)
@@ -469,7 +497,7 @@ def dvc_stages(grid: Grid) -> dict:
             source = _project_path(Path(run.source))
             stages[f"train-{run.slug}"] = {
                 "cmd": train_command(run),
-                "deps": [data_marker(run.dataset), tracking_marker()],
+                "deps": [data_marker(run.dataset), tracking_marker()] + ([preflight_record(grid.name)] if preflight else []),
                 "params": [{source: _param_keys(run, files[part])}],
                 # persist: a stage that runs again resumes or skips the run (`maskconnect train` decides)
                 "metrics": [{f"{run.run_dir}/metrics.json": {"cache": False, "persist": True}}],

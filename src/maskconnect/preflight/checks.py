@@ -1,0 +1,213 @@
+"""The preflight's checks, in the order they run; each adds named rows to the record."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..engine import Precision
+from . import cost as C
+from . import datapath, steps
+from .steps import Path
+
+INDEX_URL_ADVICE = ("reinstall torch for your driver: MASKCONNECT_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 "
+                    "bash scripts/setup.sh (README: 'GPU drivers and torch's CUDA build')")
+
+
+def _timed(pf, name: str, fn) -> dict:
+    t0 = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as e:  # a crash on the device path is a failed check, not a traceback
+        result = {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    return pf.add(name, result, time.perf_counter() - t0)
+
+
+def environment(pf) -> bool:
+    """torch sees the device the grid needs; versions and the GPU are recorded."""
+    from ..provenance import nvidia_smi
+
+    smi = nvidia_smi()
+    res: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                 "cuda_available": torch.cuda.is_available(), "nvidia_smi": smi}
+    if pf.device.type == "cuda":
+        if not torch.cuda.is_available():
+            if smi:
+                res["advice"] = (f"nvidia-smi sees {smi[0]['name']} (driver {smi[0]['driver_version']}), but torch "
+                                 f"{torch.__version__} (built for CUDA {torch.version.cuda}) cannot use it: the driver "
+                                 f"is older than this wheel needs (CUDA 13 needs driver R580+); {INDEX_URL_ADVICE}")
+            else:
+                res["advice"] = ("no GPU: torch sees none and nvidia-smi finds none (no driver loaded?); run on a GPU "
+                                 "node, or check the grid's device with --device cpu")
+            return pf.add("environment", {**res, "passed": False}, 0.0)["passed"]
+        idx = pf.device.index or 0
+        if idx >= torch.cuda.device_count():
+            res["advice"] = f"cuda:{idx} requested, {torch.cuda.device_count()} GPU(s) visible"
+            return pf.add("environment", {**res, "passed": False}, 0.0)["passed"]
+        props = torch.cuda.get_device_properties(idx)
+        res.update(gpu=props.name, gpu_memory_bytes=int(props.total_memory), capability=f"{props.major}.{props.minor}",
+                   cudnn=torch.backends.cudnn.version(), gpus_visible=torch.cuda.device_count(),
+                   driver=smi[0]["driver_version"] if smi else None)
+    else:
+        if smi and not torch.cuda.is_available():
+            res["note"] = (f"nvidia-smi sees {smi[0]['name']} but torch cannot use it; {INDEX_URL_ADVICE}")
+        if any(r.device.startswith("cuda") for r in pf.grid.runs):
+            res["note"] = (res.get("note", "") + " The grid's runs go to CUDA; this preflight ran on the CPU.").strip()
+    return pf.add("environment", {**res, "passed": True}, 0.0)["passed"]
+
+
+def _masked_models(pf) -> list[tuple[str, object, object]]:
+    """(label, model, spec) for each masked model of the grid: each {D,w,C} (and width), every
+    learned and random K the grid trains."""
+    from ..models import build_model
+
+    seen, out = set(), []
+    for p in pf.plans:
+        s = p.spec
+        key = (s.dataset, s.arch, s.stage_width, s.connectivity, s.fan_in)
+        if s.connectivity == "full" or key in seen:
+            continue
+        seen.add(key)
+        torch.manual_seed(0)
+        model = build_model(s)
+        if s.connectivity == "learned":  # non-uniform rows: the draw differs from row to row
+            with torch.no_grad():
+                model.masks.real.uniform_(0.05, 1.0, generator=torch.Generator().manual_seed(3))
+        width = f" width {s.stage_width}" if s.stage_width else ""
+        out.append((f"{s.dataset} {{{s.arch}}}{width} {s.connectivity} K={s.fan_in}", model, s))
+    return out
+
+
+def _batch(spec, device: torch.device):
+    """A small fixed batch for the correctness checks (4 ImageNet-sized images, else 8)."""
+    n = 4 if spec.layout == "imagenet" else 8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, spec.in_channels, spec.image_size, spec.image_size, generator=g).to(device)
+    return x, torch.randint(0, spec.num_classes, (n,), generator=g).to(device)
+
+
+def _precisions(pf) -> Precision:
+    """The fast precision the grid's runs use on this device (bf16 + channels_last on CUDA by default);
+    on a CPU, CUDA's default, so the CPU runs what a GPU will."""
+    if pf.device.type == "cpu":
+        return Precision(pf.device, torch.bfloat16, True)
+    p = pf.plans[0]
+    return Precision.for_device(pf.device, amp=p.amp, channels_last=p.channels_last)
+
+
+def correctness(pf, compile: bool | None = None) -> None:
+    dev = pf.device
+    fp32 = Precision(dev, None, False)
+    fast = _precisions(pf)
+    if dev.type == "cuda":
+        candidates = [("default path (saving), fp32", Path(True, False, fp32))]
+    else:
+        candidates = [("CPU default path (plain autograd, CPU fast paths), fp32", Path(False, True, fp32)),
+                      ("CUDA's path (saving, GPU kernels), fp32", Path(True, False, fp32)),
+                      ("saving path with the CPU's matmul 1x1 backward, fp32", Path(True, True, fp32))]
+    if fast.amp_dtype is not None or fast.channels_last:
+        what = "default path (saving)" if dev.type == "cuda" else "CUDA's path (saving, GPU kernels)"
+        prec = fast.describe()
+        candidates.append((f"{what}, {prec['autocast_dtype'] or 'fp32'} autocast + {prec['memory_format']}",
+                           Path(True, False, fast)))
+    models = _masked_models(pf)
+    for label, model, spec in models:
+        x, y = _batch(spec, dev)
+        model = model.to(dev)
+        ref: dict = {}
+
+        def compare(path=None):
+            if "fp32" not in ref:
+                with steps.exact_fp32():
+                    plain = Path(False, False, fp32)
+                    r = steps.run_step(model, x, y, plain)
+                    ref["fp32"] = r, steps.sensitivity(model, x, y, plain, r, steps.U_FP32)
+            return steps.compare_step(model, x, y, path, dev, fp32_reference=ref["fp32"])
+
+        for what, path in candidates:
+            _timed(pf, f"train step {label}: {what}", lambda p=path: compare(p))
+    _timed(pf, "1x1 backward: batched-matmul branch (CPU)", lambda: steps.conv1x1_backward_check(dev, matmul=True))
+    _timed(pf, f"1x1 backward: convolution-kernel branch ({dev.type})",
+           lambda: steps.conv1x1_backward_check(dev, matmul=False))
+    grid_compiles = any(p.compile for p in pf.plans)
+    if compile is None:
+        compile = grid_compiles
+    if not compile or not models:
+        pf.add("torch.compile against eager", {"passed": True, "skipped": "the grid does not compile (--compile runs it)"
+                                               if models else "the grid has no masked model"}, 0.0)
+        return
+    label, model, spec = next((m for m in models if m[2].connectivity == "learned"), models[0])
+    x, y = _batch(spec, dev)
+    _timed(pf, f"torch.compile against eager: {label}",
+           lambda: steps.compile_check(model, x, y, Path(dev.type == "cuda", False, fast)))
+
+
+def data(pf) -> None:
+    for ds in dict.fromkeys(p.spec.dataset for p in pf.plans):
+        batch = next(p.batch for p in pf.plans if p.spec.dataset == ds)
+        _timed(pf, f"data path: {ds} on {pf.device.type}",
+               lambda d=ds, b=batch: datapath.data_check(d, pf.device, min(b, 64)))
+
+
+def ddp(pf, enabled: bool = True) -> None:
+    n = torch.cuda.device_count() if pf.device.type == "cuda" else 0
+    if not enabled or n < 2:
+        why = "--no-ddp" if not enabled else f"{n} GPU visible" if pf.device.type == "cuda" else "not a GPU run"
+        pf.add("DDP over the visible GPUs", {"passed": True, "skipped": why}, 0.0)
+        return
+    _timed(pf, f"DDP (NCCL) over {n} GPUs: masks identical on every rank", lambda: datapath.ddp_check(n))
+
+
+def cost(pf, repeats: int = 5) -> dict:
+    """Memory check and step times per distinct network of the grid, then the projection."""
+    dev = pf.device
+    times: dict = {}
+    for p in pf.plans:
+        key = p.model_key
+        if key in times:
+            continue
+        s = p.spec
+        precision = Precision.for_device(dev, amp=p.amp, channels_last=p.channels_last)
+        kind = {"full": "Fixed-Full", "random": "Fixed-Random", "learned": "Learned"}[s.connectivity]
+        width = f" width {s.stage_width}" if s.stage_width else ""
+        label = f"{s.dataset} {{{s.arch}}}{width} {kind}, batch {p.batch}"
+        mem = _timed(pf, f"memory: {label}", lambda: C.memory_check(s, p.batch, dev, precision))
+        if mem["passed"] and not mem.get("error"):
+            t0, threads = time.perf_counter(), torch.get_num_threads()
+            if dev.type == "cpu":
+                torch.set_num_threads(max(1, p.run.threads))  # as the job will run
+            try:
+                times[key] = {"label": label, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                              **C.step_times(s, p.batch, dev, precision, repeats=repeats, eval_batch=p.eval_batch,
+                                             compile=p.compile)}
+            except Exception as e:  # noqa: BLE001 - recorded, and the projection says it is missing
+                times[key] = {"label": label, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                torch.set_num_threads(threads)
+            times[key]["seconds"] = time.perf_counter() - t0
+        else:
+            times[key] = {"label": label, "error": "did not fit in memory"}
+    runs, parts = [], {}
+    for p in pf.plans:
+        t = times[p.model_key]
+        syn = dict(p.run.train).get("synthetic") or {}
+        h = (C.run_hours(p.spec.dataset, p.epochs, p.batch, p.eval_batch, p.run.gpus, t,
+                         syn.get("train_size"), syn.get("test_size")) if "train_step_s" in t else None)
+        gpus = max(p.run.gpus, 1)
+        runs.append({"run": p.run.run_id, "grid": p.run.grid, "gpus": p.run.gpus, "epochs": p.epochs, "batch": p.batch,
+                     "hours": h, "device_hours": None if h is None else h * gpus, "model": t["label"]})
+        agg = parts.setdefault(p.run.grid, {"runs": 0, "hours": 0.0, "device_hours": 0.0, "missing": 0})
+        agg["runs"] += 1
+        if h is None:
+            agg["missing"] += 1
+        else:
+            agg["hours"] += h
+            agg["device_hours"] += h * gpus
+    total = {"runs": len(runs), "hours": sum(a["hours"] for a in parts.values()),
+             "device_hours": sum(a["device_hours"] for a in parts.values()),
+             "missing": sum(a["missing"] for a in parts.values())}
+    return {"device": str(dev), "unit": "GPU-hours" if dev.type == "cuda" else "CPU-hours",
+            "method": "median measured step times x (epochs x (training steps + evaluation passes)); data loading and "
+                      "checkpoints not counted; multi-GPU runs: hours x GPUs",
+            "models": list(times.values()), "runs": runs, "parts": parts, "total": total}

@@ -1,0 +1,177 @@
+"""Plans a grid's preflight, runs the checks (checks.py) and writes the record (report.py)."""
+
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import grid as G
+from ..errors import ConfigError
+from ..io import atomic_write_json, atomic_write_text
+from ..specs import ModelSpec
+
+RECORD_VERSION = 1
+DEFAULT_OUT = "results/preflight"
+
+
+@dataclass
+class RunPlan:
+    """What one grid run will execute, resolved from the grid and its recipe."""
+
+    run: G.Run
+    spec: ModelSpec
+    batch: int          # per process
+    eval_batch: int
+    epochs: int
+    compile: bool
+    amp: bool | None
+    channels_last: bool | None
+
+    @property
+    def model_key(self) -> tuple:
+        """Runs that cost the same (memory and time): the same network and batch; K does not change
+        what a masked model computes (every branch runs), but learning the masks does."""
+        s = self.spec
+        return (s.dataset, s.arch, s.stage_width, s.connectivity, self.batch, self.eval_batch, self.compile,
+                self.run.threads)
+
+
+@dataclass
+class Preflight:
+    grid: G.Grid
+    device: torch.device
+    plans: list[RunPlan]
+    checks: list[dict] = field(default_factory=list)
+
+    def add(self, name: str, result: dict, seconds: float) -> dict:
+        row = {"name": name, "passed": bool(result.get("passed")), **result, "seconds": round(seconds, 3)}
+        self.checks.append(row)
+        status = "skipped" if row.get("skipped") else ("ok" if row["passed"] else "FAILED")
+        print(f"preflight: [{len(self.checks)}] {name}: {status} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+        return row
+
+
+def plan_runs(grid: G.Grid) -> list[RunPlan]:
+    """Every run of ``grid`` with its resolved model, batch, epochs and precision settings."""
+    from ..train import TrainConfig
+
+    plans = []
+    for run in grid.runs:
+        cfg = TrainConfig(dataset=run.dataset, arch=run.arch, connectivity=run.connectivity,
+                          fan_in=run.fan_in if run.connectivity != "full" else None, seed=run.seed,
+                          recipe=run.recipe, **dict(run.train)).resolved()
+        plans.append(RunPlan(run, TrainConfig.spec(cfg), cfg.batch_size, cfg.eval_batch_size, cfg.epochs,
+                             cfg.compile, cfg.amp, cfg.channels_last))
+    return plans
+
+
+def grid_device(grid: G.Grid) -> str:
+    """The device the grid's runs ask for: cuda if any does, else cpu if any does, else auto."""
+    devices = {r.device for r in grid.runs}
+    for d in ("cuda", "cpu"):
+        if any(x == d or x.startswith(d + ":") for x in devices):
+            return d
+    return "auto"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("device", name, "grid (the grid's device), auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError("device", name, "grid (the grid's device), auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = None, *,
+                  compile: bool | None = None, ddp: bool = True, time_steps: int = 5) -> tuple[dict, int]:
+    """Run every check for ``grid_ref`` on ``device``; write the record; return (record, exit code)."""
+    from . import checks
+
+    grid = G.load_grid(grid_ref)
+    dev = _device(grid_device(grid) if device == "grid" else device)
+    out = Path(out) if out is not None else Path(DEFAULT_OUT) / grid.name
+    _check_out(out)
+    t0 = time.perf_counter()
+    pf = Preflight(grid, dev, plan_runs(grid))
+    env_ok = checks.environment(pf)
+    if env_ok:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if dev.type == "cpu":
+            from ..engine import tune_cpu_allocator
+
+            tune_cpu_allocator()
+        checks.correctness(pf, compile=compile)
+        checks.data(pf)
+        checks.ddp(pf, enabled=ddp)
+        projection = checks.cost(pf, repeats=time_steps)
+    else:
+        projection = None
+    rec = record(pf, projection, time.perf_counter() - t0)
+    write(out, rec)
+    failed = [c for c in pf.checks if not c["passed"]]
+    print(f"preflight: {len(pf.checks) - len(failed)} of {len(pf.checks)} checks passed in "
+          f"{rec['seconds']:.0f} s; record: {out / 'preflight.json'}", file=sys.stderr)
+    for c in failed:
+        print(f"preflight: FAILED {c['name']}: {c.get('advice') or c.get('error') or _worst_text(c)}", file=sys.stderr)
+    return rec, 0 if not failed else 1
+
+
+def _worst_text(c: dict) -> str:
+    w = c.get("worst")
+    if w:
+        return (f"{w['tensor']} differs by {w['rel_error']:.3g} (bound {w['bound']:.3g}); the device's training path "
+                "computes another gradient than plain autograd: do not train on this setup, and report it with "
+                "preflight.json")
+    return "see preflight.json"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that cannot be written before any work is done."""
+    p = out
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError("out", str(out), f"a folder to write the record in ({p} is a file)")
+    import os
+
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError("out", str(out), f"a writable folder ({p} is not writable)")
+
+
+def record(pf: Preflight, projection: dict | None, seconds: float) -> dict:
+    from ..provenance import environment, nvidia_smi
+
+    env = environment(pf.device) if torch.cuda.is_available() or pf.device.type == "cpu" else environment(torch.device("cpu"))
+    env["nvidia_smi"] = nvidia_smi()
+    env["cuda_device_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"record_version": RECORD_VERSION, "grid": pf.grid.name, "grid_file": str(pf.grid.path),
+            "device": str(pf.device), "environment": env, "passed": all(c["passed"] for c in pf.checks),
+            "checks": pf.checks, "projection": projection, "seconds": seconds}
+
+
+def write(out: Path, rec: dict) -> None:
+    from .report import markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "preflight.json", rec)
+    atomic_write_text(out / "preflight.md", markdown(rec))
+
+
+def hours_text(h: float | None) -> str:
+    if h is None or not math.isfinite(h):
+        return "-"
+    return f"{h:,.2f}" if h < 100 else f"{h:,.0f}"
+
+
+__all__ = ["run_preflight", "plan_runs", "grid_device", "Preflight", "RunPlan", "DEFAULT_OUT"]
