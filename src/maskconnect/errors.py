@@ -1,7 +1,8 @@
-"""Errors that the command line turns into a one-line message and exit code 2.
+"""Errors that the command line turns into a one-line message and an exit code (``exit_code``).
 
-Every error names the field, the value and what is allowed, so a user can fix the input without
-reading the code.
+Exit code 2: the input (a field, a file, a run directory) needs the user's decision; every such error
+names the field or file, the value and what is allowed, so a user can fix the input without reading the
+code. Exit code 1: the environment failed (a full disk, an unreachable tracking store).
 """
 
 from __future__ import annotations
@@ -31,3 +32,16 @@ class RunDirError(MaskConnectError, RuntimeError):
 
 class TrainingDiverged(MaskConnectError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class StorageError(MaskConnectError, OSError):
+    """A file could not be written (disk full, quota, read-only file system). The environment failed,
+    not the input: exit code 1. Nothing half-written is left (io's atomic writes)."""
+
+    exit_code = 1
+
+
+class TrackingError(MaskConnectError, RuntimeError):
+    """The MLflow store cannot be used (``maskconnect track``; training only warns). Exit code 1."""
+
+    exit_code = 1

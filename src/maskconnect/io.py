@@ -1,7 +1,11 @@
 """Atomic file writes: a reader (or a crash) never sees a half-written checkpoint or result.
 
 Each write goes to a temporary file in the same directory, is flushed to disk, and is then renamed
-over the target (rename is atomic on POSIX within one file system).
+over the target (rename is atomic on POSIX within one file system). A write that fails (a full disk,
+a quota, a read-only file system) removes its temporary file, leaves the target as it was, and raises
+:class:`~maskconnect.errors.StorageError`: one line naming the file, no traceback at the command line.
+
+:func:`check_output_file` checks that a result file can be written before the work that produces it.
 """
 
 from __future__ import annotations
@@ -12,25 +16,71 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import RunDirError, StorageError
+
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
         _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        cause = _os_error(e)
+        if cause is not None:
+            kept = "it keeps its previous content" if path.exists() else "it was not created"
+            raise StorageError(f"cannot write {path}: {cause.strerror or cause}; nothing was half-written "
+                               f"({kept})") from None
         raise
+    return path
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: ``e`` itself, or what torch.save's writer raised inside
+    (it re-raises a disk full as ``RuntimeError: ... unexpected pos``, the OSError as its context)."""
+    for _ in range(5):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check, before any work, that the file ``path`` can be written: not empty, not a directory, its
+    folder creatable and writable (probed with a temporary file). Raises :class:`RunDirError` naming it."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str) or not text.strip():
+        raise RunDirError(f"{what} {text!r}: an output file path is needed, not an empty one")
+    path = Path(text)
+    if path.is_dir():
+        raise RunDirError(f"{what} {path} is a directory; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunDirError(f"{what} {path}: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunDirError(f"{what} {path}: cannot write in {path.parent} ({e.strerror or e})") from None
     return path
 
 
