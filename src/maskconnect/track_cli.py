@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 
@@ -35,19 +37,61 @@ def _init(args) -> int:
 
 
 def _sync(args) -> int:
-    from .tracking import sync_run_dir
+    from .tracking import _normalise_uri, as_tracking_error, sync_run_dir
 
-    for run in args.runs:
-        print(f"{run}: {sync_run_dir(Path(run), uri=args.tracking_uri, experiment=args.experiment)}")
+    uri = _normalise_uri(args.tracking_uri)
+    with one_line_warnings("track sync"):
+        for run in args.runs:
+            try:
+                run_id = sync_run_dir(Path(run), uri=uri, experiment=args.experiment)
+            except Exception as e:  # a dead or read-only store: one line naming it, exit 1, no traceback
+                raise as_tracking_error(e, uri) from None
+            print(f"{run}: {run_id}")
     return 0
 
 
 def _log_report(args) -> int:
     from .io import atomic_write_text
-    from .tracking import log_report
+    from .tracking import _normalise_uri, as_tracking_error, log_report
 
-    run_id = log_report(args.report_dir, uri=args.tracking_uri, experiment=args.experiment)
+    try:
+        run_id = log_report(args.report_dir, uri=args.tracking_uri, experiment=args.experiment)
+    except Exception as e:
+        raise as_tracking_error(e, _normalise_uri(args.tracking_uri)) from None
     if args.marker:
         atomic_write_text(args.marker, run_id + "\n")
     print(run_id)
     return 0
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str):
+    """Show this package's warnings (tracking off, lock unsupported) as one line each,
+    ``maskconnect <command>: warning: ...``, and keep MLflow's and urllib3's retry logs out of the way
+    (the warning says what failed)."""
+    import logging
+    import warnings
+
+    from .runlock import RunLockWarning
+    from .tracking import TrackingWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (TrackingWarning, RunLockWarning)):
+            print(f"maskconnect {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    quiet = [logging.getLogger(name) for name in ("urllib3.connectionpool", "mlflow.store.db.utils",
+                                                  "mlflow.utils.request_utils", "alembic.runtime.migration")]
+    levels = [q.level for q in quiet]
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)

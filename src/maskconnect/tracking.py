@@ -4,10 +4,17 @@ The run directory (``docs/run_format.md``) is the source of truth; MLflow only m
 
 * ``mlflow`` is imported lazily, inside functions. Where it is not installed, :class:`Tracker` is a
   no-op that emits one :class:`TrackingWarning` per process.
-* :class:`Tracker` never raises into the training loop. Each call is retried with exponential
-  backoff (sqlite with many writers answers 'database is locked'); when a call still fails, the
-  tracker emits ONE :class:`TrackingWarning` and turns itself off for the rest of the run (so a dead
-  server does not stall every epoch). :func:`sync_run_dir` repairs the mirror afterwards.
+* :class:`Tracker` never raises into the training loop, and a store that cannot be written costs a run
+  seconds, not minutes: one retry budget per run (``TRACKING_BUDGET_S``, 30 s: the time of failed
+  calls and the sleeps between them), no retries wrapped around retries. MLflow retries what it knows
+  how to retry, with its own settings: HTTP requests (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+  ``..._BACKOFF_FACTOR``, ``..._TIMEOUT``, bounded here unless the user set them) and sqlite's busy
+  wait (MLflow's ``PRAGMA busy_timeout`` of 20 s). This module retries only a sqlite 'database is
+  locked' that outlived that wait, within the budget. A sqlite store that cannot be written (a
+  read-only directory or file system, a file that is not a database) is found before MLflow is asked
+  (MLflow would retry creating its engine for 100 s), in milliseconds. When a call fails, the tracker
+  emits ONE :class:`TrackingWarning` naming ``maskconnect track sync`` and turns itself off for the rest
+  of the run. :func:`sync_run_dir` repairs the mirror afterwards.
 * :func:`sync_run_dir` is idempotent: it finds the run of a directory (``mlflow_run.json`` or the
   ``maskconnect.run_dir`` tag), logs only params that are missing and only metric points whose
   ``(key, step)`` is not already present, and re-uploads artifacts (which overwrites them).
@@ -41,6 +48,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,13 +58,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .errors import MaskConnectError, RunDirError
+from .errors import MaskConnectError, RunDirError, TrackingError
 from .io import atomic_write_json
 
 __all__ = [
     "RUN_DIR_TAG",
     "RUN_FILE",
+    "TRACKING_BUDGET_S",
     "Tracker",
+    "TrackingError",
     "TrackingWarning",
     "default_tracking_uri",
     "ensure_store",
@@ -73,11 +83,6 @@ ARTIFACT_DIR = "mlartifacts"  # next to a sqlite store
 SYNC_ARTIFACTS = ("config.json", "history.csv", "metrics.json", "masks.json")
 # metrics.json values that identify the run rather than measure it (they are params already)
 _NOT_METRICS = frozenset({"seed", "depth", "width", "cardinality", "fan_in", "epochs"})
-# MLflow error codes that retrying cannot fix
-_PERMANENT = frozenset({
-    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-    "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND",
-})
 _KEY_BAD_CHARS = re.compile(r"[^\w\-. /:]")
 
 
@@ -150,13 +155,61 @@ def _normalise_uri(uri: str | None) -> str:
     return uri
 
 
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def _tame_http_retries(uri: str) -> None:
-    # MLflow's own HTTP retries default to ~7 tries with backoff factor 2 (minutes against a dead
-    # server), on top of ours. Bound them unless the user chose values.
-    if uri.startswith(("http://", "https://")):
+    # MLflow's own HTTP retries default to 7 tries with backoff factor 2 and a 120 s timeout (minutes
+    # against a dead server). They are the only retries of an HTTP store; bound them so that one call
+    # costs at most about 3 x 5 s + 2 s (a server that does not answer), unless the user chose values.
+    if _is_http(uri):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """Raise :class:`TrackingError` when the sqlite store of ``uri`` cannot be written: its folder is not
+    a writable directory, or the database file is not a writable sqlite database. Milliseconds, and
+    before MLflow, whose engine creation retries such a store for about 100 s."""
+    import sqlite3
+
+    path = _sqlite_path(uri)
+    if path is None:
+        return
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrackingError(f"MLflow store {uri} cannot be used: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".maskconnect-probe-", dir=path.parent)  # sqlite writes journals here
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrackingError(f"MLflow store {uri} cannot be written: {path.parent} is not writable "
+                            f"({e.strerror or e})") from None
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise TrackingError(f"MLflow store {uri} cannot be used: {path} is a directory")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+    except sqlite3.Error as e:
+        raise TrackingError(f"MLflow store {uri} cannot be opened for writing ({e})") from None
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.execute("BEGIN IMMEDIATE")  # a write lock: refused on a read-only file or file system
+        con.rollback()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e).lower() and "busy" not in str(e).lower():  # busy is fine: others write
+            raise TrackingError(f"MLflow store {uri} cannot be written ({e})") from None
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(f"MLflow store {uri} is not a usable sqlite database ({e})") from None
+    finally:
+        con.close()
 
 
 @contextlib.contextmanager
@@ -190,6 +243,7 @@ def _client(uri: str):
     with _READY_LOCK:
         if uri in _READY_URIS:
             return MlflowClient(tracking_uri=uri)
+        _check_sqlite_store(uri)
         with _store_lock(uri):
             client = MlflowClient(tracking_uri=uri)  # builds the store (runs migrations if fresh)
             client.search_experiments(max_results=1)
@@ -198,11 +252,12 @@ def _client(uri: str):
 
 
 def ensure_store(uri: str | None = None, *, strict: bool = False, retries: int = 5,
-                 backoff: float = 0.5) -> str:
+                 backoff: float = 0.5, budget_s: float | None = None) -> str:
     """Create the tracking store (database and schema) once, before parallel jobs start.
 
     Returns the (normalised) URI. Failures (and a missing mlflow) are a :class:`TrackingWarning`
-    unless ``strict``, when they raise.
+    unless ``strict``, when they raise :class:`TrackingError` (one line). At most ``budget_s``
+    (default ``TRACKING_BUDGET_S``) is spent on failures.
     """
     uri = _normalise_uri(uri)
     if not _have_mlflow():
@@ -212,40 +267,78 @@ def ensure_store(uri: str | None = None, *, strict: bool = False, retries: int =
         return uri
     _tame_http_retries(uri)
     try:
-        _retry(lambda: _client(uri), retries=retries, backoff=backoff)
+        _retry(lambda: _client(uri), retries=retries, backoff=backoff, budget=_Budget(budget_s), http=_is_http(uri))
     except Exception as e:
         if strict:
-            raise
+            raise as_tracking_error(e, uri) from None
         _warn(f"MLflow store {uri} is not usable ({type(e).__name__}: {_short(e)})")
     return uri
+
+
+def as_tracking_error(e: BaseException, uri: str) -> MaskConnectError:
+    """A one-line :class:`TrackingError` for any failure of the store ``uri`` (MaskConnect errors as they are)."""
+    if isinstance(e, MaskConnectError):
+        return e
+    return TrackingError(f"MLflow store {uri} is not usable ({type(e).__name__}: {_short(e)})")
 
 
 # --------------------------------------------------------------------------------------------
 # retries
 # --------------------------------------------------------------------------------------------
 
-def _is_permanent(e: BaseException) -> bool:
+TRACKING_BUDGET_S = 30.0  # seconds a run (or a track command) may lose to a store that fails
+
+
+class _Budget:
+    """The time one run may lose to tracking failures: failed calls and the sleeps between retries."""
+
+    def __init__(self, seconds: float | None = None):
+        if seconds is None:
+            try:
+                seconds = float(os.environ.get("MASKCONNECT_TRACKING_BUDGET_S", TRACKING_BUDGET_S))
+            except ValueError:
+                seconds = TRACKING_BUDGET_S
+        self.total = max(0.0, seconds)
+        self.spent = 0.0
+
+    def left(self) -> float:
+        return self.total - self.spent
+
+    def spend(self, seconds: float) -> None:
+        self.spent += max(0.0, seconds)
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A sqlite 'database is locked' (or busy) that outlived MLflow's busy wait: the one failure that
+    MLflow does not retry itself and that another try can fix."""
+    text = str(e).lower()
+    if "locked" not in text and "busy" not in text:
+        return False
     code = getattr(e, "error_code", None)
-    if code in _PERMANENT:
-        return "locked" not in str(e).lower()
-    return isinstance(e, (ImportError, TypeError, NotADirectoryError, FileExistsError,
-                          IsADirectoryError, PermissionError))
+    return code in (None, "TEMPORARILY_UNAVAILABLE") or "locked" in text
 
 
 def _retry(fn: Callable[[], Any], *, retries: int = 5, backoff: float = 0.5,
-           max_sleep: float = 8.0) -> Any:
-    """Call ``fn``; on a transient error sleep ``backoff * 2**i`` (with jitter) and try again.
-
-    ``retries`` is the number of tries. With the defaults the sleeps are about 0.5+1+2+4 s.
+           max_sleep: float = 8.0, budget: "_Budget | None" = None, http: bool = False) -> Any:
+    """Call ``fn``; on a transient error (:func:`_is_transient`) sleep ``backoff * 2**i`` (with jitter)
+    and try again, at most ``retries`` tries in all and never past ``budget`` (failed calls and sleeps
+    count against it). ``http``: no retries here, MLflow's HTTP client retries (``_tame_http_retries``).
     """
-    tries = max(1, int(retries))
+    tries = 1 if http else max(1, int(retries))
     for attempt in range(tries):
+        t0 = time.monotonic()
         try:
             return fn()
         except Exception as e:
-            if attempt == tries - 1 or _is_permanent(e):
+            if budget is not None:
+                budget.spend(time.monotonic() - t0)
+            if attempt == tries - 1 or not _is_transient(e):
                 raise
             sleep = min(max_sleep, backoff * 2 ** attempt) * (1.0 + 0.5 * random.random())
+            if budget is not None:
+                if budget.left() < sleep:
+                    raise
+                budget.spend(sleep)
             log.debug("MLflow call failed (%s: %s); retry %d/%d in %.2f s", type(e).__name__,
                       _short(e), attempt + 1, tries - 1, sleep)
             time.sleep(sleep)
@@ -255,6 +348,11 @@ def _retry(fn: Callable[[], Any], *, retries: int = 5, backoff: float = 0.5,
 def _short(e: BaseException, n: int = 300) -> str:
     s = str(e).strip().splitlines()
     s = s[0] if s else ""
+    # MLflow's HTTP errors quote urllib3's whole retry chain: keep the request and the OS error
+    request = re.search(r"API request to (\S+) failed", s)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", s) or re.search(r"(Read|Connect)TimeoutError\([^)]*?([Rr]ead|[Cc]onnect)[^)]*", s)
+    if request and cause:
+        s = f"request to {request.group(1)} failed: {cause.group(0).strip()}"
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
@@ -578,13 +676,15 @@ def _never_raises(method: Callable) -> Callable:
 class Tracker:
     """MLflow mirror of one training run; every method is a no-op on failure (one warning).
 
-    ``retries``/``backoff`` bound the retries of each call (default: 5 tries, sleeps of about
-    0.5, 1, 2 and 4 s). After a call fails for good, the tracker is off for the rest of the run.
+    ``retries``/``backoff`` bound this module's retries of a sqlite 'database is locked' (default: 5
+    tries, sleeps of about 0.5, 1, 2 and 4 s); ``budget_s`` (default ``TRACKING_BUDGET_S``, 30 s) bounds
+    the time the whole run may lose to failures. After a call fails for good, or the budget is spent,
+    the tracker is off for the rest of the run.
     """
 
     def __init__(self, run_dir: Path | str, *, experiment: str, run_name: str,
                  uri: str | None = None, enabled: bool = True, resume: bool = True,
-                 retries: int = 5, backoff: float = 0.5):
+                 retries: int = 5, backoff: float = 0.5, budget_s: float | None = None):
         self.run_dir = Path(run_dir)
         self.experiment = experiment
         self.run_name = run_name
@@ -593,6 +693,7 @@ class Tracker:
         self.resume = resume
         self.retries = retries
         self.backoff = backoff
+        self.budget = _Budget(budget_s)
         self.run_id: str | None = None
         self.failed = False
         self._warned = False
@@ -613,8 +714,11 @@ class Tracker:
             self.failed = True
             _warn_missing_once()
             return
+        if self.budget.left() <= 0:
+            self._fail(what, TimeoutError(f"the run's tracking budget of {self.budget.total:g} s is spent"))
+            return
         try:
-            _retry(fn, retries=self.retries, backoff=self.backoff)
+            _retry(fn, retries=self.retries, backoff=self.backoff, budget=self.budget, http=_is_http(self.uri))
         except Exception as e:  # never into training
             self._fail(what, e)
 
@@ -622,9 +726,10 @@ class Tracker:
         self.failed = True
         if not self._warned:
             self._warned = True
+            store = "" if self.uri == _normalise_uri(None) else f" --tracking-uri {shlex.quote(self.uri)}"
             _warn(f"MLflow tracking of {self.run_dir} is off after {what} failed "
-                  f"({type(e).__name__}: {_short(e)}); training goes on. Re-sync later with "
-                  "maskconnect.tracking.sync_run_dir(run_dir).")
+                  f"({type(e).__name__}: {_short(e)}); training goes on. Once the store works, catch up with: "
+                  f"maskconnect track sync {shlex.quote(str(self.run_dir))}{store}")
 
     def _get_client(self):
         if self._client is None:
@@ -772,7 +877,7 @@ def _mtime_ms(path: Path) -> int | None:
 
 
 def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str | None = None,
-                 retries: int = 5, backoff: float = 0.5) -> str:
+                 retries: int = 5, backoff: float = 0.5, budget_s: float | None = None) -> str:
     """Mirror a run directory into MLflow, idempotently; returns the MLflow run id.
 
     Logs config.json (flattened params), every history.csv row (metrics at step = epoch), the final
@@ -780,7 +885,8 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
     run dir) and the artifacts config.json, history.csv, metrics.json, masks.json. The run is the
     one named in ``mlflow_run.json`` for this store, else the newest run tagged with this directory,
     else a new one in ``experiment`` (default ``maskconnect/<dataset>/<grid>``). Only missing params
-    and (key, step) metric points are logged, so re-running it adds nothing. Raises on failure.
+    and (key, step) metric points are logged, so re-running it adds nothing. Raises on failure, after
+    at most ``budget_s`` (default ``TRACKING_BUDGET_S``) lost to it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -850,7 +956,7 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
                         primary=False)
         return run_id
 
-    return _retry(go, retries=retries, backoff=backoff)
+    return _retry(go, retries=retries, backoff=backoff, budget=_Budget(budget_s), http=_is_http(uri))
 
 
 # --------------------------------------------------------------------------------------------
