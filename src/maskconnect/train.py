@@ -18,7 +18,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,140 +29,15 @@ from .connectivity import (
     mask_stats, masks_frozen, param_groups,
 )
 from .engine import Precision, evaluate, resolve_device, train_step, tune_cpu_allocator
-from .errors import ConfigError, RunDirError, TrainingDiverged
+from .errors import MaskConnectError, RunDirError, TrainingDiverged
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .models import build_model
-from .specs import ModelSpec, make_spec
+from .runlock import RunLock
+from .specs import ModelSpec
 
-# --- configuration -------------------------------------------------------------------------------
+# --- configuration (torch-free, in config.py: the grid loader checks grids with the same rules) ---
 
-from .recipes import RECIPES  # noqa: E402  (torch-free, so the CLI can list them quickly)
-
-# Fields that do not change what a run computes: they may differ when a run is resumed.
-NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_uri", "track", "compile", "progress"}
-
-
-@dataclass
-class TrainConfig:
-    dataset: str
-    arch: str
-    connectivity: str = "full"
-    fan_in: int | None = None
-    seed: int = 0
-    out: str = "results/runs/manual"
-    recipe: str = "demo"
-    epochs: int | None = None
-    batch_size: int | None = None
-    eval_batch_size: int | None = None
-    lr: float | None = None
-    lr_reference_batch: int | None = None   # lr is for this global batch; scaled linearly otherwise
-    momentum: float | None = None
-    weight_decay: float | None = None
-    nesterov: bool = False
-    milestones: list[int] | None = None
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    mask_lr: float | None = None            # default: the weight LR and its schedule
-    mask_momentum: float = 0.0
-    mask_init: float = 0.5
-    mask_rule: str | None = None            # how the real-valued masks are updated (connectivity.MASK_RULES); default: the recipe's
-    freeze_epoch: int | None = None         # default: the first LR drop
-    stage_width: int | None = None
-    augment: bool = True
-    amp: bool | None = None                 # bf16 autocast; None: the device's default (CUDA on, CPU off)
-    channels_last: bool | None = None       # channels_last tensors; None: the device's default (CUDA on, CPU off)
-    compile: bool = False
-    data_dir: str | None = None
-    device: str = "auto"
-    workers: int = 4
-    synthetic: dict = field(default_factory=dict)
-    experiment: str | None = None
-    tracking_uri: str | None = None
-    track: bool = True
-    progress: str = "auto"                  # auto (bar on a terminal), bar, lines, none
-
-    def resolved(self) -> "TrainConfig":
-        """Fill recipe defaults and check every field; returns a new config."""
-        if self.recipe not in RECIPES:
-            raise ConfigError("recipe", self.recipe, f"one of {', '.join(RECIPES)}")
-        r = RECIPES[self.recipe]
-        c = TrainConfig(**asdict(self))
-        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "mask_rule"):
-            if getattr(c, name) is None:
-                setattr(c, name, r[name])
-        if c.lr_reference_batch is None:
-            c.lr_reference_batch = c.batch_size if self.batch_size is None or self.lr is not None else r["batch_size"]
-        if c.eval_batch_size is None:
-            c.eval_batch_size = max(c.batch_size, 256)
-        _positive("epochs", c.epochs)
-        _positive("batch_size", c.batch_size)
-        _positive("eval_batch_size", c.eval_batch_size)
-        _positive("lr_reference_batch", c.lr_reference_batch)
-        if not (isinstance(c.lr, (int, float)) and c.lr > 0 and math.isfinite(c.lr)):
-            raise ConfigError("lr", c.lr, "a positive finite number")
-        if c.mask_lr is not None and not (c.mask_lr > 0):
-            raise ConfigError("mask_lr", c.mask_lr, "a positive number (or omitted: the weight LR)")
-        if c.milestones is None:
-            drops = {max(1, round(f * c.epochs)) for f in r["milestone_fracs"]}
-            c.milestones = sorted(m for m in drops if m < c.epochs)
-        if not isinstance(c.milestones, list) or not all(isinstance(m, int) and not isinstance(m, bool) for m in c.milestones):
-            raise ConfigError("milestones", c.milestones, "a list of epochs, e.g. [150, 225]")
-        c.milestones = sorted(c.milestones)
-        if any(not 0 < m < c.epochs for m in c.milestones):
-            raise ConfigError("milestones", c.milestones, f"epochs strictly between 0 and epochs={c.epochs}")
-        for name, lo, hi, allowed in (
-            ("momentum", 0.0, None, "a number >= 0"), ("weight_decay", 0.0, None, "a number >= 0"),
-            ("mask_momentum", 0.0, None, "a number >= 0"), ("gamma", 0.0, None, "a number > 0 (LR factor at each milestone)"),
-            ("label_smoothing", 0.0, 1.0, "a number in [0, 1)"),
-        ):
-            v = getattr(c, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo and (hi is None or v < hi)
-            if not ok or (name == "gamma" and v == 0):
-                raise ConfigError(name, v, allowed)
-        if c.nesterov and c.momentum <= 0:
-            raise ConfigError("nesterov", c.nesterov, "false unless momentum > 0")
-        if not isinstance(c.workers, int) or c.workers < 0:
-            raise ConfigError("workers", c.workers, "an integer >= 0")
-        if not isinstance(c.synthetic, dict):
-            raise ConfigError("synthetic", c.synthetic, 'a JSON object, e.g. {"train_size": 512, "image_size": 32}')
-        for flag in ("nesterov", "augment", "compile", "track"):
-            if not isinstance(getattr(c, flag), bool):
-                raise ConfigError(flag, getattr(c, flag), "true or false")
-        for flag in ("amp", "channels_last"):
-            if getattr(c, flag) is not None and not isinstance(getattr(c, flag), bool):
-                raise ConfigError(flag, getattr(c, flag), "true, false or null (the device's default)")
-        if not isinstance(c.mask_init, (int, float)) or isinstance(c.mask_init, bool):
-            raise ConfigError("mask_init", c.mask_init, "a number in (0, 1]")
-        mask_rule(c.mask_rule)  # raises ConfigError naming the allowed rules
-        spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
-        c.fan_in = spec.fan_in
-        if c.freeze_epoch is None:
-            c.freeze_epoch = c.milestones[0] if c.milestones else c.epochs
-        if not (isinstance(c.freeze_epoch, int) and 0 <= c.freeze_epoch <= c.epochs):
-            raise ConfigError("freeze_epoch", c.freeze_epoch, f"an epoch in 0..epochs={c.epochs} (masks are learned before it)")
-        if c.progress not in ("auto", "bar", "lines", "none"):
-            raise ConfigError("progress", c.progress, "auto, bar, lines or none")
-        if c.experiment is None:
-            c.experiment = f"maskconnect/{c.dataset}"
-        return c
-
-    @staticmethod
-    def spec(c: "TrainConfig", num_classes: int | None = None) -> ModelSpec:
-        syn = c.synthetic or {}
-        return make_spec(
-            c.arch, connectivity=c.connectivity, fan_in=c.fan_in, dataset=c.dataset, seed=c.seed,
-            stage_width=c.stage_width, mask_init=c.mask_init, num_classes=num_classes or syn.get("num_classes"),
-            in_channels=syn.get("in_channels"), image_size=syn.get("image_size"),
-        )
-
-    def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in NON_IDENTITY}
-
-
-def _positive(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ConfigError(name, v, "a positive integer")
-
+from .config import LEARNED_ONLY, NON_IDENTITY, TrainConfig, config_from_args, identity_of  # noqa: E402,F401
 
 HISTORY_COLUMNS = ["epoch", "phase", "lr", "mask_lr", "train_loss", "train_top1", "test_loss", "test_top1",
                    "test_top5", "mask_entropy", "mask_changed", "mask_mean", "mask_at_0", "mask_at_1", "mask_margin",
@@ -205,38 +80,198 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def prepare_run_dir(cfg: TrainConfig, replace: bool = False) -> str:
-    """Check the output directory. Returns "new", "resume" or "complete".
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"   # the checkpoint before the latest: what a run resumes from if the latest is unreadable
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best", "wall_time_s", "config")
+
+
+def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | None = None) -> str:
+    """Check the output directory (under its lock, when given). Returns "new", "resume" or "complete".
 
     A directory holding a different run's config is never overwritten: it is an error, or with
-    ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted.
+    ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted. A run of the same
+    config whose files cannot be loaded (no readable checkpoint to resume from; a finished run whose
+    model, pruned model or masks are unreadable) is an error naming the file, or with ``replace`` it
+    is moved aside too.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a run directory")
     cfg_path = out / "config.json"
-    if cfg_path.exists():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{cfg_path} is unreadable ({e}); move the directory away or pass --replace") from None
-        new = cfg.identity()
-        diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
-        if diff:
-            if not replace:
-                detail = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in list(diff.items())[:4])
-                raise RunDirError(f"output directory {out} holds a different run ({detail}); "
-                                  "choose another --out, or pass --replace to move the old run aside")
-            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            out.rename(aside)
-            print(f"moved the previous run in {out} to {aside}", file=sys.stderr)
+    if not cfg_path.exists():
+        if out.exists() and any(p.name in (CHECKPOINT, PREVIOUS, "metrics.json") for p in out.iterdir()):
+            if replace:
+                _move_aside(out, "it holds run files but no config.json", lock)
+                return "new"
+            raise RunDirError(f"output directory {out} holds run files but no config.json; "
+                              "move it away, or pass --replace to move it aside")
+        return "new"
+    try:
+        old = json.loads(cfg_path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if replace:
+            _move_aside(out, f"its config.json is unreadable ({e})", lock)
             return "new"
-        if (out / "metrics.json").exists():
-            return "complete"
-        return "resume" if (out / "checkpoint.pt").exists() else "new"
-    if out.exists() and any(p.name in ("checkpoint.pt", "metrics.json") for p in out.iterdir()):
-        raise RunDirError(f"output directory {out} holds run files but no config.json; move it away")
-    return "new"
+        raise RunDirError(f"{cfg_path} is unreadable ({e}); move the directory away or pass --replace") from None
+    new = cfg.identity()
+    old_id = identity_of(old)
+    diff = {k: (old_id.get(k), new.get(k)) for k in {**new, **old_id} if old_id.get(k) != new.get(k)}
+    if diff:
+        if not replace:
+            shown = [k for k in diff if k not in LEARNED_ONLY] or list(diff)  # learned-only fields follow connectivity
+            detail = ", ".join(f"{k}={diff[k][0]!r} there, {diff[k][1]!r} here" for k in shown[:4])
+            raise RunDirError(f"output directory {out} holds a different run ({detail}); "
+                              "choose another --out, or pass --replace to move the old run aside")
+        _move_aside(out, "it holds a different run", lock)
+        return "new"
+    state, problem = _inspect_run(out, cfg)
+    if problem:
+        if replace:
+            _move_aside(out, problem, lock)
+            return "new"
+        raise RunDirError(f"{problem}. Pass --replace to move this run aside and train it again")
+    return state
+
+
+def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
+    """The state of a directory holding this run: ("complete" | "resume" | "new", problem or None)."""
+    checkpoints = [p for p in (out / CHECKPOINT, out / PREVIOUS) if p.exists()]
+    metrics = out / "metrics.json"
+    if metrics.exists():
+        try:
+            record = json.loads(metrics.read_text())
+            if not isinstance(record, dict) or record.get("status") != "complete" or "top1" not in record:
+                raise ValueError("not a complete run's record")
+        except (OSError, ValueError) as e:
+            if _checkpoint_problem(out / CHECKPOINT, cfg) is None:
+                print(f"{metrics} is unreadable ({e}): rebuilding it from {CHECKPOINT}", file=sys.stderr)
+                return "resume", None
+            return "complete", f"{metrics} is unreadable ({e}) and {out / CHECKPOINT} cannot rebuild it"
+        files = [out / CHECKPOINT] + ([out / "pruned.pt", out / "masks.json"] if cfg.connectivity != "full" else [])
+        for f in files:
+            problem = _file_problem(f, cfg)
+            if problem:
+                return "complete", (f"{out} is a finished run (metrics.json), but {f} cannot be loaded ({problem}): "
+                                    "its results cannot be evaluated")
+        return "complete", None
+    if not checkpoints:
+        return "new", None
+    problems = [f"{p.name}: {why}" for p in checkpoints if (why := _checkpoint_problem(p, cfg))]
+    if len(problems) == len(checkpoints):
+        missing = "" if len(checkpoints) == 2 else f"; {PREVIOUS if checkpoints[0].name == CHECKPOINT else CHECKPOINT} is missing"
+        return "resume", (f"cannot resume {out}: no checkpoint can be loaded ({'; '.join(problems)}{missing})")
+    return "resume", None
+
+
+def _file_problem(path: Path, cfg: TrainConfig) -> str | None:
+    if not path.exists():
+        return "missing"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return str(e)
+        return None
+    return _checkpoint_problem(path, cfg) if path.name == CHECKPOINT else _torch_problem(path)
+
+
+def _torch_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read by torch.load (memory-mapped: the zip's directory is checked, the
+    tensors are not read), or None."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zips, bad pickles, I/O errors: torch raises many kinds
+        return _short(e)
+    return None
+
+
+def _checkpoint_problem(path: Path, cfg: TrainConfig) -> str | None:
+    if not path.exists():
+        return "missing"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return _short(e)
+    if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
+        return "not a checkpoint of this version"
+    if identity_of(ck["config"]) != cfg.identity():
+        return "it belongs to a different run (its config differs from config.json)"
+    return None
+
+
+def _short(e: BaseException) -> str:
+    """The first sentence of an error, with its type (torch's load errors run to several lines)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    text = f"{type(e).__name__}: {first}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _move_aside(out: Path, why: str, lock: RunLock | None) -> Path:
+    """Rename the run directory ``out`` to ``out.replaced-<time>`` (never deleted), then lock a fresh ``out``."""
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise RunDirError(f"--replace cannot move --out {out} aside: it is the current directory or holds it; "
+                          "give the run its own directory")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = target.with_name(f"{target.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = target.with_name(f"{target.name}.replaced-{stamp}-{n}")
+        n += 1
+    target.rename(aside)
+    print(f"moved the previous run in {out} to {aside} ({why})", file=sys.stderr)
+    if lock is not None:
+        old = RunLock(aside)
+        old.fd, lock.fd = lock.fd, None
+        lock.moved_to(out)
+        try:
+            lock.acquire()
+        finally:
+            old.release()
+    return aside
+
+
+def _rotate_checkpoint(out: Path) -> None:
+    """checkpoint.pt becomes checkpoint.prev.pt (atomically; checkpoint.pt stays until the new one replaces it)."""
+    latest, previous = out / CHECKPOINT, out / PREVIOUS
+    if not latest.exists():
+        return
+    tmp = out / f".{PREVIOUS}.{os.getpid()}.tmp"
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(latest, tmp)
+    except OSError:  # no hard links on this file system: move it (a crash now leaves only the previous one)
+        os.replace(latest, previous)
+        return
+    os.replace(tmp, previous)
+
+
+def _load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[dict, Path]:
+    """The latest loadable checkpoint of ``out`` and its file; says so on stderr when it is the previous one."""
+    errors = []
+    for path in (out / CHECKPOINT, out / PREVIOUS):
+        if not path.exists():
+            errors.append(f"{path.name}: missing")
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
+                raise ValueError("not a checkpoint of this version")
+            if identity_of(ck["config"]) != cfg.identity():
+                raise ValueError("it belongs to a different run")
+        except Exception as e:
+            errors.append(f"{path.name}: {_short(e)}")
+            continue
+        if errors:
+            print(f"{out}: {errors[0]}; resuming from {path.name} (epoch {ck['epoch']}) instead", file=sys.stderr)
+        return ck, path
+    raise RunDirError(f"cannot resume {out}: no checkpoint can be loaded ({'; '.join(errors)}). "
+                      "Pass --replace to move this run aside and train it again")
 
 
 class _Progress:
@@ -306,22 +341,51 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | None = None) -> dict:
     """Train (or resume, or skip if complete) the run ``cfg`` describes; returns its metrics.
 
+    The run directory is locked (:class:`~maskconnect.runlock.RunLock`, rank 0 under torchrun) from
+    before its files are inspected until the run ends: a second command on it exits 2 naming this one.
+
     ``kill_after_epoch`` exists for tests of resumption: the process exits abruptly (``os._exit``)
     right after that epoch's checkpoint, as a SIGKILL would.
     """
+    ignored = cfg.ignored_fields()
     cfg = cfg.resolved()
     dist = Distributed.from_env()
+    lock = RunLock(cfg.out) if dist.main else None
+    try:
+        return _train(cfg, dist, lock, replace=replace, kill_after_epoch=kill_after_epoch, ignored=ignored)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace: bool,
+           kill_after_epoch: int | None, ignored: list[str]) -> dict:
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
     if dist.world > 1:
         device = _init_distributed(dist, device)
-    # rank 0 inspects (and may move aside) the run directory; every rank follows its verdict
-    state = [prepare_run_dir(cfg, replace=replace) if dist.main else None]
+    # rank 0 locks and inspects (and may move aside) the run directory; every rank follows its verdict
+    state: list = [None]
+    if dist.main:
+        try:
+            lock.acquire()
+            state = [prepare_run_dir(cfg, replace=replace, lock=lock)]
+        except MaskConnectError as e:
+            state = [("error", str(e))]
+            error = e
     if dist.world > 1:
         torch.distributed.broadcast_object_list(state, src=0)
     state = state[0]
+    if isinstance(state, tuple):
+        _cleanup_distributed(dist)
+        if dist.main:
+            raise error
+        raise RunDirError(state[1])
+    if ignored and dist.main:
+        print(f"note: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in ignored)} only affect learned runs: ignored for this "
+              f"{cfg.connectivity} run (not part of its identity)", file=sys.stderr)
     if state == "complete":
         metrics = json.loads((out / "metrics.json").read_text())
         if dist.main:
@@ -343,13 +407,12 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
     model = precision.prepare_model(build_model(spec))
     optimizer, scheduler = _optimizer(cfg, model, dist.world)
     rule = mask_rule(cfg.mask_rule)
-    learned = spec.connectivity == "learned"
 
     history: list[dict] = []
     best = {"top1": -1.0, "top5": None, "epoch": 0}
     start_epoch, wall = 0, 0.0
     if state == "resume":
-        history, best, start_epoch, wall = _resume(out, model, optimizer, scheduler, dist, device)
+        history, best, start_epoch, wall = _resume(out, cfg, model, optimizer, scheduler, dist, device)
     else:
         rule.after_step(mask_banks(model))  # start inside the rule's feasible set (projected: on the hull)
         if dist.main:
@@ -363,9 +426,23 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         return torch.compile(model) if cfg.compile else model
 
-    step_model = wrap(model)
     tracker = _start_tracker(cfg, out, spec, device) if dist.main and cfg.track else None
     progress = _Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main)
+    try:
+        return _epochs(cfg, dist, device, out, data, precision, spec, model, optimizer, scheduler, rule, wrap,
+                       tracker, progress, history, best, start_epoch, wall, kill_after_epoch)
+    except BaseException as e:
+        if tracker:  # the MLflow run is not left RUNNING
+            tracker.finish({}, [], status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        _cleanup_distributed(dist)
+        raise
+
+
+def _epochs(cfg, dist, device, out, data, precision, spec, model, optimizer, scheduler, rule, wrap, tracker,
+            progress, history, best, start_epoch, wall, kill_after_epoch) -> dict:
+    """The epoch loop and the end of the run (finish_run); see :func:`train`."""
+    learned = spec.connectivity == "learned"
+    step_model = wrap(model)
     t_run = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -393,9 +470,6 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         # the test loss too: the epoch's last step may have broken the weights after the last train loss
         ev = evaluate(model, data.test_batches(), precision, data.info.num_classes) if math.isfinite(train_loss) else None
         if ev is None or not math.isfinite(ev["test_loss"]):
-            if tracker:
-                tracker.finish({}, [], status="FAILED")
-            _cleanup_distributed(dist)
             raise _diverged(train_loss, ev, epoch, out)
         row = {"epoch": epoch + 1, "phase": phase, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
                "train_loss": train_loss, "train_top1": train_top1, **ev, **_mask_columns(model, before),
@@ -406,7 +480,8 @@ def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | No
         elapsed = wall + time.perf_counter() - t_run
         if dist.main:
             _write_history(out / "history.csv", history)  # before the checkpoint; resume rewrites it
-            atomic_torch_save(out / "checkpoint.pt", {
+            _rotate_checkpoint(out)  # the previous checkpoint stays, in case the latest cannot be read
+            atomic_torch_save(out / CHECKPOINT, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "history": history,
                 "best": best, "wall_time_s": elapsed, "config": asdict(cfg), "world": dist.world,
@@ -441,10 +516,16 @@ def _optimizer(cfg: TrainConfig, model, world: int):
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
 
 
-def _resume(out: Path, model, optimizer, scheduler, dist: Distributed, device: torch.device):
-    """Load the checkpoint into model, optimiser, scheduler and the RNG; returns (history, best, epoch, wall)."""
+def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Distributed, device: torch.device):
+    """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into model, optimiser,
+    scheduler and the RNG; returns (history, best, epoch, wall)."""
     # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
-    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if dist.world > 1:  # every rank resumes from the file rank 0 chose
+        choice = [str(_load_checkpoint(out, cfg)[1]) if dist.main else None]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        ck = torch.load(choice[0], map_location="cpu", weights_only=True)
+    else:
+        ck = _load_checkpoint(out, cfg)[0]
     if ck.get("world", 1) != dist.world:
         raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
                           "the global batch and LR would change; resume with the same number of processes")
@@ -575,19 +656,3 @@ def _init_distributed(dist: Distributed, device: torch.device) -> torch.device:
 def _cleanup_distributed(dist: Distributed) -> None:
     if dist.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def config_from_args(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    for item in getattr(args, "set", None) or []:
-        if "=" not in item:
-            raise ConfigError("set", item, "key=value with key a TrainConfig field")
-        k, v = item.split("=", 1)
-        if k not in names:
-            raise ConfigError("set", k, f"a TrainConfig field: {', '.join(sorted(names))}")
-        try:
-            kw[k] = json.loads(v)
-        except json.JSONDecodeError:
-            kw[k] = v
-    return TrainConfig(**kw)

@@ -70,7 +70,9 @@ def register(sub) -> None:
     g.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///results/mlflow.db)")
     g.add_argument("--no-track", dest="track", action="store_false", default=None, help="do not log to MLflow")
     g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], help="progress display (auto: bar on a terminal)")
-    g.add_argument("--replace", action="store_true", help="if --out holds a different run, move it aside (never deleted)")
+    g.add_argument("--replace", action="store_true",
+                   help="if --out holds a different run, or a run whose files cannot be loaded, move it aside (never "
+                        "deleted) and train afresh; a readable run of this config is resumed (or complete) as without it")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a finished run's model and its pruned model",
@@ -90,9 +92,11 @@ def register(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from .track_cli import one_line_warnings
     from .train import config_from_args, train
 
-    metrics = train(config_from_args(args), replace=args.replace)
+    with one_line_warnings("train"):
+        metrics = train(config_from_args(args), replace=args.replace)
     if metrics:
         print(json.dumps({k: metrics[k] for k in ("top1", "top5", "best_top1", "params_train", "params_test", "flops")}))
     return 0
@@ -107,15 +111,20 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
     from .engine import Precision, evaluate, resolve_device
     from .models import build_model
     from .pruning import load_pruned
-    from .train import TrainConfig
+    from .train import CHECKPOINT, TrainConfig
 
     run = Path(run)
-    if not (run / "metrics.json").exists() or not (run / "checkpoint.pt").exists():
+    if not run.is_dir():
+        raise RunDirError(f"--run {run} is not a run directory")
+    if not (run / "metrics.json").exists() or not (run / CHECKPOINT).exists():
         raise RunDirError(f"{run} is not a complete run (metrics.json and checkpoint.pt are needed)")
     try:
         cfg = TrainConfig(**json.loads((run / "config.json").read_text()))
     except (OSError, json.JSONDecodeError, TypeError) as e:
         raise RunDirError(f"{run / 'config.json'} is missing or not a config of this version ({e})") from None
+    # every file is loaded before the data: an unreadable one is named, in seconds
+    state = _load(run / CHECKPOINT, lambda p: torch.load(p, map_location="cpu", weights_only=True)["model"])
+    compact = _load(run / "pruned.pt", load_pruned) if (run / "pruned.pt").exists() else None
     dev = resolve_device(device)
     precision = Precision.for_device(dev, amp=cfg.amp, channels_last=cfg.channels_last)
     data = build_data(cfg.dataset, data_dir=data_dir or cfg.data_dir, batch_size=cfg.batch_size,
@@ -123,14 +132,17 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
                       workers=cfg.workers, synthetic=cfg.synthetic or None, download=False)
     spec = TrainConfig.spec(cfg, num_classes=data.info.num_classes)
     model = build_model(spec)
-    model.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RunDirError(f"{run / CHECKPOINT} does not hold this run's model ({str(e).splitlines()[0]})") from None
     model = precision.prepare_model(model).eval()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     result = {"run": str(run), "model": evaluate(model, data.test_batches(), precision, data.info.num_classes),
               "params_train": count_weights(model), "flops": count_flops(model, shape)}
     result["params_test"], result["flops_test"] = result["params_train"], result["flops"]
-    if (run / "pruned.pt").exists():
-        compact = precision.prepare_model(load_pruned(run / "pruned.pt"))
+    if compact is not None:
+        compact = precision.prepare_model(compact)
         result["pruned"] = evaluate(compact, data.test_batches(), precision, data.info.num_classes)
         result["params_test"] = count_weights(compact)
         result["flops_test"] = count_flops(compact, shape)
@@ -138,11 +150,26 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
     return result
 
 
-def _cmd_evaluate(args) -> int:
-    from .io import atomic_write_json
+def _load(path: Path, load):
+    """``load(path)``, or a :class:`RunDirError` naming the file and the way forward."""
+    try:
+        return load(path)
+    except Exception as e:  # truncated zips, bad pickles, I/O errors: torch raises many kinds
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        why = f"{type(e).__name__}: {lines[0].split('. ')[0] if lines else ''}"
+        raise RunDirError(f"{path} cannot be loaded ({why[:160]}); the run's results are not usable: "
+                          "train it again with its command and --replace") from None
 
-    result = evaluate_run(Path(args.run), data_dir=args.data_dir, device=args.device)
-    out = Path(args.out) if args.out else Path(args.run) / "eval.json"
+
+def _cmd_evaluate(args) -> int:
+    from .io import atomic_write_json, check_output_file
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise RunDirError(f"--run {run} is not a run directory")
+    # checked before evaluating: a path that cannot be written fails in seconds, not after the evaluation
+    out = check_output_file(args.out if args.out is not None else run / "eval.json", "--out")
+    result = evaluate_run(run, data_dir=args.data_dir, device=args.device)
     atomic_write_json(out, result)
     print(json.dumps(result))
     return 0
