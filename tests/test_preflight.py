@@ -1,0 +1,240 @@
+"""``maskconnect preflight``: it passes on a correct device path, and every check can fail.
+
+On this CPU the preflight runs what CUDA runs (the memory-saving path with the GPU's kernels, bf16
+autocast + channels_last), so a wrong gradient injected into any custom backward of the model must
+fail it, as must a wrong data path, a step that does not fit in memory, or a GPU torch cannot see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskconnect import models
+from maskconnect.cli import main
+from maskconnect.preflight import datapath, steps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline import checkout, job_counts, snakemake, tool_env  # noqa: E402,F401  (fixture and helpers)
+
+
+def _preflight(tmp_path: Path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "pf"
+    code = main(["preflight", "--out", str(out), *args])
+    rec = json.loads((out / "preflight.json").read_text()) if (out / "preflight.json").exists() else None
+    return code, rec
+
+
+def _failed(rec: dict) -> list[str]:
+    return [c["name"] for c in rec["checks"] if not c["passed"]]
+
+
+def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_path):
+    code, rec = _preflight(tmp_path, "--grid", "demo", "--device", "cpu")
+    assert code == 0 and rec["passed"] is True, _failed(rec)
+    run = [c for c in rec["checks"] if not c.get("skipped")]
+    names = [c["name"] for c in run]
+    assert len(set(names)) == len(names) >= 6 and all(c["passed"] for c in run)
+    for kind in ("environment", "train step", "1x1 backward: batched-matmul", "1x1 backward: convolution-kernel",
+                 "data path: digits", "memory: digits"):
+        assert any(n.startswith(kind) for n in names), kind
+    # every masked model of the grid (random K=2,4; learned K=1,2,4) on CUDA's path in fp32 and bf16
+    for label in ("random K=2", "random K=4", "learned K=1", "learned K=2", "learned K=4"):
+        assert any(label in n and "CUDA's path (saving, GPU kernels), fp32" in n for n in names), label
+        assert any(label in n and "bfloat16 autocast + channels_last" in n for n in names), label
+    step = next(c for c in run if c["name"].startswith("train step") and "fp32" in c["name"])
+    assert step["tensors"] > 100 and step["worst"]["rel_error"] <= step["worst"]["bound"]
+    env = rec["environment"]
+    assert env["torch_version"] == torch.__version__ and env["device"] == "cpu"
+    proj = rec["projection"]
+    assert proj["total"]["runs"] == 18 and proj["total"]["missing"] == 0 and proj["total"]["hours"] > 0
+    assert {m["label"].split(", batch")[0].split()[-1] for m in proj["models"]} == {"Fixed-Full", "Fixed-Random", "Learned"}
+    full = next(m for m in proj["models"] if "Fixed-Full" in m["label"])
+    learned = next(m for m in proj["models"] if "Learned" in m["label"])
+    assert learned["train_step_s"] > full["train_step_s"] > 0  # a masked step moves C branch tensors
+    md = (tmp_path / "pf" / "preflight.md").read_text()
+    assert "**PASSED**" in md and "| demo | 18 |" in md and md.count("| ok |") == len(run)
+
+
+def _scaled(fn, index: int, factor: float, when=lambda *a: True):
+    """``fn`` (a backward) with its ``index``-th returned gradient scaled by ``factor``."""
+    def wrapped(*args):
+        out = list(fn(*args))
+        if out[index] is not None and when(*args):
+            out[index] = out[index] * factor
+        return tuple(out)
+    return staticmethod(wrapped)
+
+
+def _inject(monkeypatch, where: str) -> None:
+    if where == "_ChannelsLastBN.backward (input gradient x1.5)":
+        monkeypatch.setattr(models._ChannelsLastBN, "backward", _scaled(models._ChannelsLastBN.backward, 0, 1.5))
+    elif where == "_MixedInput.backward (branch-tensor gradient x1.5)":
+        monkeypatch.setattr(models._MixedInput, "backward", _scaled(models._MixedInput.backward, 1, 1.5))
+    elif where == "_SharedBNTail.backward (conv3 weight gradient x0.5)":
+        monkeypatch.setattr(models._SharedBNTail, "backward", _scaled(models._SharedBNTail.backward, 2, 0.5))
+    else:
+        matmul = "matmul" in where
+        orig = models._conv1x1_backward
+
+        def wrong(grad, x, weight, groups, need_input, need_weight):
+            gi, gw = orig(grad, x, weight, groups, need_input, need_weight)
+            if models._matmul_1x1(x, groups, weight.shape[0]) == matmul and gi is not None:
+                gi = gi * 1.5
+            return gi, gw
+        monkeypatch.setattr(models, "_conv1x1_backward", wrong)
+
+
+INJECTIONS = {
+    "_ChannelsLastBN.backward (input gradient x1.5)": ["CPU default path"],
+    "_MixedInput.backward (branch-tensor gradient x1.5)": ["CUDA's path (saving, GPU kernels), fp32", "matmul 1x1 backward"],
+    "_SharedBNTail.backward (conv3 weight gradient x0.5)": ["CUDA's path (saving, GPU kernels), fp32",
+                                                            "matmul 1x1 backward"],
+    "_conv1x1_backward, matmul branch (input gradient x1.5)": ["matmul 1x1 backward, fp32", "1x1 backward: batched-matmul"],
+    "_conv1x1_backward, convolution branch (input gradient x1.5)": ["CUDA's path (saving, GPU kernels), fp32",
+                                                                    "1x1 backward: convolution-kernel"],
+}
+
+
+@pytest.mark.parametrize("where", list(INJECTIONS))
+def test_a_wrong_gradient_in_any_custom_backward_fails_the_cpu_preflight(where, tmp_path, monkeypatch):
+    _inject(monkeypatch, where)
+    code, rec = _preflight(tmp_path, "--grid", "smoke", "--device", "cpu", "--time-steps", "1")
+    failed = _failed(rec)
+    assert code == 1 and rec["passed"] is False
+    for expected in INJECTIONS[where]:
+        assert any(expected in name for name in failed), (expected, failed)
+    assert not any(n.startswith(("data path", "memory", "environment")) for n in failed)  # only what was broken
+    bad = next(c for c in rec["checks"] if c["name"] in failed and c.get("worst"))
+    assert bad["worst"]["rel_error"] > bad["worst"]["bound"]
+    assert "FAILED" in (tmp_path / "pf" / "preflight.md").read_text()
+
+
+def test_a_wrong_augmentation_fails_the_data_check(tmp_path, monkeypatch):
+    import maskconnect.data.tensor as tensor
+
+    orig = tensor.crop_flip
+    monkeypatch.setattr(tensor, "crop_flip", lambda raw, idx, dy, dx, flip, pad: orig(raw, idx, dx, dy, flip, pad))
+    result = datapath.data_check("digits", torch.device("cpu"), 64)
+    assert result["passed"] is False and result["max_abs_difference"] > 0.1
+    monkeypatch.setattr(tensor, "crop_flip", orig)
+    assert datapath.data_check("digits", torch.device("cpu"), 64)["passed"] is True
+
+
+def test_cifar_data_path_on_stand_in_images_when_the_files_are_absent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    result = datapath.data_check("cifar100", torch.device("cpu"), 32)
+    assert result["passed"] is True and result["images"] == 3 * 32 and "stand-in" in result["source"]
+
+
+def test_a_step_that_does_not_fit_in_memory_fails_and_names_the_largest_batch(tmp_path):
+    grid = tmp_path / "huge.yaml"
+    grid.write_text("name: huge\ndefaults: {dataset: digits, seeds: [0], recipe: smoke, device: cpu}\n"
+                    "entries:\n  - {arch: '20,4,8', connectivity: learned, fan_ins: [2], train: {batch_size: 50000000}}\n")
+    code, rec = _preflight(tmp_path, "--grid", str(grid), "--device", "cpu")
+    mem = next(c for c in rec["checks"] if c["name"].startswith("memory"))
+    assert code == 1 and mem["passed"] is False and mem["step_bytes"] > mem["device_bytes"]
+    assert 0 < mem["largest_batch_estimate"] < 50_000_000
+    assert rec["projection"]["total"]["missing"] == 1  # not timed: it would not fit
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_cuda_requested_where_torch_sees_none_fails_the_environment_check(tmp_path, monkeypatch):
+    code, rec = _preflight(tmp_path, "--grid", "smoke", "--device", "cuda")
+    env = rec["checks"][0]
+    assert code == 1 and env["name"] == "environment" and env["passed"] is False and len(rec["checks"]) == 1
+    # a GPU that nvidia-smi sees and torch does not: the driver/wheel mismatch, and the way out
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 535.104.05, 81559'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    code, rec = _preflight(tmp_path, "--grid", "smoke", "--device", "cuda")
+    advice = rec["checks"][0]["advice"]
+    assert code == 1 and "NVIDIA H100" in advice and "535.104.05" in advice and "MASKCONNECT_TORCH_INDEX_URL" in advice
+
+
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["preflight", "--grid", "smoke", "--out", str(afile / "sub")]) == 2
+    assert "out" in capsys.readouterr().err and not (afile.parent / "sub").exists()
+    assert main(["preflight", "--grid", "nope"]) == 2
+    assert main(["preflight", "--grid", "smoke", "--device", "tpu"]) == 2
+
+
+def test_fp32_bound_is_calibrated_but_still_tight():
+    """On a model whose gradients are well-conditioned the fp32 bound stays at 1e-4; the bf16 bound is
+    wider, and a 1.5x gradient is far outside both."""
+    from maskconnect.engine import Precision
+    from maskconnect.specs import make_spec
+
+    torch.manual_seed(0)
+    model = models.build_model(make_spec("11,2,4", dataset="digits", connectivity="learned", fan_in=2, stage_width=16))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    cpu = torch.device("cpu")
+    r32 = steps.compare_step(model, x, y, steps.Path(True, False, Precision(cpu)), cpu)
+    r16 = steps.compare_step(model, x, y, steps.Path(True, False, Precision(cpu, torch.bfloat16, True)), cpu)
+    assert r32["passed"] and r16["passed"]
+    assert r32["worst"]["bound"] == pytest.approx(steps.FP32_TOL) or r32["worst"]["bound"] < 1e-2
+    assert r16["median_sensitivity"] > r32["median_sensitivity"]
+
+
+@pytest.mark.slow
+def test_ddp_check_over_two_cpu_processes():
+    result = datapath.ddp_check(2, backend="gloo", device_type="cpu")
+    assert result == {"passed": True, "ranks": 2, "backend": "gloo", "masks_identical": True, "masks_moved": True,
+                      "steps": 3}
+
+
+# ---- the pipeline runs it first ----------------------------------------------------------------------
+
+def test_snakemake_runs_the_preflight_ahead_of_the_training_jobs_of_a_gpu_grid(checkout):
+    proc = snakemake(["-n", "--config", "grid=cifar100"], checkout, check=True)
+    assert job_counts(proc.stdout)["preflight"] == 1 and job_counts(proc.stdout)["train"] == 64
+    blocks = proc.stdout.split("\n\n")
+    train = [b for b in blocks if b.lstrip().startswith(("rule train:", "localrule train:")) or "\nrule train:" in b]
+    assert len(train) == 64
+    assert all("results/preflight/cifar100/preflight.json" in b.split("input:")[1].splitlines()[0] for b in train)
+    off = snakemake(["-n", "--config", "grid=cifar100", "preflight=false"], checkout, check=True)
+    assert "preflight" not in job_counts(off.stdout)
+    demo = snakemake(["-n"], checkout, check=True)  # the CPU demo: not by default
+    assert "preflight" not in job_counts(demo.stdout)
+    forced = snakemake(["-n", "--config", "preflight=true"], checkout, check=True)
+    assert job_counts(forced.stdout)["preflight"] == 1
+
+
+def test_paper_grids_dvc_yaml_has_a_preflight_stage_every_train_stage_depends_on():
+    from maskconnect import grid as G
+
+    for name in ("cifar100", "cifar10", "imagenet", "paper"):
+        stages = G.dvc_stages(G.load_grid(name))
+        record = G.preflight_record(name)
+        assert stages["preflight"]["outs"] == [{record: {"cache": False}}]
+        assert "maskconnect preflight --grid" in stages["preflight"]["cmd"]
+        trains = [s for k, s in stages.items() if k.startswith("train-")]
+        assert trains and all(record in s["deps"] for s in trains)
+    assert "preflight" not in G.dvc_stages(G.load_grid("demo"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_failed_preflight_stops_the_pipeline_before_any_training(checkout):
+    """A GPU grid on a machine whose torch sees no GPU (one GPU id made visible to Snakemake's profile and
+    gpu-slot, as a node whose driver torch cannot use): the preflight job fails, nothing trains."""
+    grid = checkout / "gpu-grid.yaml"
+    grid.write_text("name: gpugrid\ndefaults: {dataset: digits, seeds: [0], recipe: smoke, device: cuda, gpus: 1}\n"
+                    "entries:\n  - {arch: '11,2,4', connectivity: learned, fan_ins: [2]}\n")
+    env = {**tool_env(checkout), "CUDA_VISIBLE_DEVICES": "0"}
+    proc = snakemake(["--cores", "1", "--config", f"grid={grid.name}"], checkout, env=env)
+    assert proc.returncode != 0
+    log = (checkout / "results" / "logs" / "gpugrid" / "preflight.log").read_text()
+    assert "FAILED environment" in log
+    assert not (checkout / "results" / "runs" / "gpugrid").exists()  # no training job started
