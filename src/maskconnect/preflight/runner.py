@@ -48,10 +48,15 @@ class Preflight:
     device: torch.device
     plans: list[RunPlan]
     checks: list[dict] = field(default_factory=list)
+    out: Path | None = None
+    started: float = field(default_factory=time.perf_counter)
+    env: dict | None = None
 
     def add(self, name: str, result: dict, seconds: float) -> dict:
         row = {"name": name, "passed": bool(result.get("passed")), **result, "seconds": round(seconds, 3)}
         self.checks.append(row)
+        if self.out is not None:  # the record so far: a preflight killed at a time limit still says what it saw
+            write(self.out, record(self, None, time.perf_counter() - self.started, complete=False))
         status = "skipped" if row.get("skipped") else ("ok" if row["passed"] else "FAILED")
         print(f"preflight: [{len(self.checks)}] {name}: {status} ({seconds:.1f} s)", file=sys.stderr, flush=True)
         return row
@@ -59,7 +64,7 @@ class Preflight:
 
 def plan_runs(grid: G.Grid) -> list[RunPlan]:
     """Every run of ``grid`` with its resolved model, batch, epochs and precision settings."""
-    from ..train import TrainConfig
+    from ..config import TrainConfig
 
     plans = []
     for run in grid.runs:
@@ -101,8 +106,7 @@ def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = 
     dev = _device(grid_device(grid) if device == "grid" else device)
     out = Path(out) if out is not None else Path(DEFAULT_OUT) / grid.name
     _check_out(out)
-    t0 = time.perf_counter()
-    pf = Preflight(grid, dev, plan_runs(grid))
+    pf = Preflight(grid, dev, plan_runs(grid), out=out)
     env_ok = checks.environment(pf)
     if env_ok:
         if dev.type == "cuda":
@@ -117,7 +121,7 @@ def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = 
         projection = checks.cost(pf, repeats=time_steps)
     else:
         projection = None
-    rec = record(pf, projection, time.perf_counter() - t0)
+    rec = record(pf, projection, time.perf_counter() - pf.started)
     write(out, rec)
     failed = [c for c in pf.checks if not c["passed"]]
     print(f"preflight: {len(pf.checks) - len(failed)} of {len(pf.checks)} checks passed in "
@@ -149,14 +153,18 @@ def _check_out(out: Path) -> None:
         raise ConfigError("out", str(out), f"a writable folder ({p} is not writable)")
 
 
-def record(pf: Preflight, projection: dict | None, seconds: float) -> dict:
+def record(pf: Preflight, projection: dict | None, seconds: float, complete: bool = True) -> dict:
     from ..provenance import environment, nvidia_smi
 
-    env = environment(pf.device) if torch.cuda.is_available() or pf.device.type == "cpu" else environment(torch.device("cpu"))
-    env["nvidia_smi"] = nvidia_smi()
-    env["cuda_device_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if pf.env is None:  # once per preflight (git and nvidia-smi are subprocesses)
+        usable = torch.cuda.is_available() or pf.device.type == "cpu"
+        pf.env = environment(pf.device if usable else torch.device("cpu"))
+        pf.env["nvidia_smi"] = nvidia_smi()
+        pf.env["cuda_device_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = pf.env
     return {"record_version": RECORD_VERSION, "grid": pf.grid.name, "grid_file": str(pf.grid.path),
-            "device": str(pf.device), "environment": env, "passed": all(c["passed"] for c in pf.checks),
+            "device": str(pf.device), "environment": env, "complete": complete,
+            "passed": complete and all(c["passed"] for c in pf.checks),
             "checks": pf.checks, "projection": projection, "seconds": seconds}
 
 
