@@ -238,3 +238,23 @@ def test_a_failed_preflight_stops_the_pipeline_before_any_training(checkout):
     log = (checkout / "results" / "logs" / "gpugrid" / "preflight.log").read_text()
     assert "FAILED environment" in log
     assert not (checkout / "results" / "runs" / "gpugrid").exists()  # no training job started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="torch.compile (inductor) needs a C++ compiler on a CPU")
+def test_compile_check_passes_on_inductor_and_fails_when_the_compiled_graph_differs(monkeypatch):
+    from maskconnect.engine import Precision
+    from maskconnect.specs import make_spec
+
+    torch.manual_seed(0)
+    model = models.build_model(make_spec("11,2,2", dataset="digits", connectivity="learned", fan_in=1, stage_width=4))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    path = steps.Path(False, False, Precision(torch.device("cpu")))
+    ok = steps.compile_check(model, x, y, path)
+    assert ok["passed"] and ok["tensors"] > 20, ok
+    mix = models.mix
+    # a compiled graph that computes another function than eager (the mixing, only when traced)
+    monkeypatch.setattr(models, "mix", lambda m, t: mix(m, t) * (1.5 if torch.compiler.is_compiling() else 1.0))
+    bad = steps.compile_check(model, x, y, path)
+    assert not bad["passed"] and bad["worst"]["rel_error"] > bad["worst"]["bound"]
