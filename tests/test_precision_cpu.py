@@ -22,10 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from maskconnect.cli import main
 from maskconnect.connectivity import mask_banks, param_groups
@@ -114,25 +116,41 @@ def test_learned_training_step_bf16_channels_last_matches_fp32():
 
 
 DIGITS = ["--dataset", "digits", "--arch", "11,2,4", "--stage-width", "16", "--connectivity", "learned", "--fan-in", "2",
-          "--epochs", "4", "--seed", "0", "--no-track", "--progress", "none", "--device", "cpu"]
+          "--epochs", "4", "--no-track", "--progress", "none", "--device", "cpu"]
+SEEDS = (0, 1, 2, 3)
 
 
 @pytest.mark.slow
 def test_digits_run_under_bf16_channels_last_trains_records_and_prunes(tmp_path):
-    """A short learned run (joint phase, freezing at the LR drop, fine-tuning) under the CUDA settings."""
-    ref, fast = tmp_path / "fp32", tmp_path / "bf16"
-    assert main(["train", *DIGITS, "--out", str(ref)]) == 0
-    assert main(["train", *DIGITS, "--amp", "true", "--channels-last", "--out", str(fast)]) == 0
+    """A short learned run (joint phase, freezing at the LR drop, fine-tuning) under the CUDA settings.
+
+    How close must its accuracy be to fp32's? From the first step on, a bf16 run follows another
+    trajectory (other roundings, then other mask draws), so its accuracy differs from fp32's as another
+    seed's does, and how much depends on the CPU's bf16 kernels (seed 0: 85.07 vs 90.70 on an Intel
+    Xeon, 85.9 vs 86.2 on an AMD EPYC). So the bound is measured here: fp32's own spread over a few seeds.
+    bf16 over the same seeds must not be significantly worse than fp32 (one-sided Welch t-test, p >
+    0.01). Measured on a 2-core AMD EPYC, top-1 over seeds 0-3: fp32 86.2 78.6 86.8 87.6, bf16 85.9 90.1
+    90.1 82.8 (p = 0.8). A broken path fails: at chance (10%) p is 2e-5; fp32's own accuracies 10 points
+    lower give p = 0.007.
+    """
+    top1 = {"fp32": [], "bf16": []}
+    for seed in SEEDS:
+        for name, extra in (("fp32", []), ("bf16", ["--amp", "true", "--channels-last"])):
+            out = tmp_path / f"{name}-{seed}"
+            assert main(["train", *DIGITS, "--seed", str(seed), *extra, "--out", str(out)]) == 0
+            m = json.loads((out / "metrics.json").read_text())
+            assert m["seed"] == seed
+            top1[name].append(m["top1"])
+    ref, fast = tmp_path / "fp32-0", tmp_path / "bf16-0"
     m32, m16 = (json.loads((d / "metrics.json").read_text()) for d in (ref, fast))
     assert (m32["autocast_dtype"], m32["memory_format"]) == (None, "contiguous")
     assert (m16["autocast_dtype"], m16["memory_format"]) == ("bfloat16", "channels_last")
     assert m16["config"]["amp"] is True and m16["config"]["channels_last"] is True
-    print(f"digits 4 epochs, top-1: fp32 {m32['top1']:.2f}, bf16+channels_last {m16['top1']:.2f}")
-    # From the first step on, the two runs follow different trajectories (other roundings, then other
-    # mask draws), so their gap is of the order of the spread between seeds of so short a run: 2.5
-    # points measured on this config (89.3 vs 86.8) and on {20,4,8} K=4, 3 epochs (87.3 vs 89.9).
-    # 5 points (18 of 355 test images) leaves room for that, not for a broken path (~10% = chance).
-    assert m16["top1"] > 80.0 and abs(m16["top1"] - m32["top1"]) < 5.0
+    p = stats.ttest_ind(top1["bf16"], top1["fp32"], equal_var=False, alternative="less").pvalue
+    print(f"digits 4 epochs, top-1 over seeds {SEEDS}: fp32 {top1['fp32']}, bf16+channels_last {top1['bf16']}; "
+          f"one-sided Welch p = {p:.3g}")
+    assert statistics.stdev(top1["fp32"]) > 0  # a spread to compare with (the seeds train differently)
+    assert p > 0.01, (top1, p)
     assert m16["params_test"] <= m16["params_train"] and (fast / "pruned.pt").exists()
     masks = torch.tensor(json.loads((fast / "masks.json").read_text())["masks"])
     assert (masks.sum(-1) == 2).all()  # frozen to top-K
