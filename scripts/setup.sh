@@ -24,8 +24,14 @@ want=$( (cat pyproject.toml requirements/constraints.txt 2>/dev/null; [ -z "$ind
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the suite into .venv (first time: a few minutes, torch is large)" >&2
   had_torch=$(.venv/bin/python -c "import torch" 2>/dev/null && echo yes || true)
-  .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt ${index_args[@]+"${index_args[@]}"} -e ".[all]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+  # pip's output without one harmless warning; pipefail keeps pip's exit status (grep's "no line left"
+  # is not a failure), so a failed install stops here and the stamp below is not written
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt \
+      ${index_args[@]+"${index_args[@]}"} -e ".[all]" 2>&1 \
+      | { grep -v "is ignored: it is neither a file nor a directory" || true; }; then
+    echo "setup: pip install failed (above); .venv is not marked installed, rerun after fixing it" >&2
+    exit 1
+  fi
   # torch was already there and the index changed: the install above kept the old build (same version)
   if [ -n "$had_torch" ] && [ "$(cat .venv/.maskconnect-torch-index 2>/dev/null)" != "$index" ]; then
     echo "setup: reinstalling torch and torchvision from ${index:-PyPI}" >&2

@@ -13,7 +13,8 @@ again) and the workflow ends with exit 0. Every job's partition, GPU request, ti
 is read back from slurmctld (`scontrol show job`): CPU runs' jobs ran on `cpu`, the GPU run's on
 `gpu` with one GPU (gpu-slot kept to it), and the retry of the timed-out job had twice the limit.
 
-Needs root and the Debian packages (.ci/run installs them); skipped otherwise.
+Needs root and the Debian packages (.ci/run installs them); skipped otherwise, except under CI:
+with MASKCONNECT_REQUIRE_SLURM=1 (.ci/run sets it) a cluster that cannot start fails the test.
 """
 
 from __future__ import annotations
@@ -53,17 +54,27 @@ entries:
 """
 
 
+REQUIRE = "MASKCONNECT_REQUIRE_SLURM"  # set to 1 by .ci/run: no cluster is a failure, not a skip
+
+
+def cluster_unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires the cluster (``MASKCONNECT_REQUIRE_SLURM=1``)."""
+    if os.environ.get(REQUIRE) == "1":
+        pytest.fail(f"{REQUIRE}=1 (CI) but the SLURM cluster cannot run here: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     reason = slurm_cluster.skip_reason()
     if reason:
-        pytest.skip(reason)
+        cluster_unavailable(reason)
     # not under pytest's temp dir: that is private to root, and munged runs as user munge
     c = slurm_cluster.SlurmCluster(Path(tempfile.mkdtemp(prefix="maskconnect-slurm-")))
     start = time.monotonic()
     try:
         c.start()
-    except Exception:
+    except Exception:  # an error (not a skip) whether or not CI requires the cluster
         c.stop()
         raise
     print(f"SLURM cluster up in {time.monotonic() - start:.1f} s")
@@ -226,3 +237,15 @@ def test_timed_out_job_is_resubmitted_with_a_longer_limit_and_resumes(workflow):
     ran = jobs[0]["RunTime"]
     print(f"timed-out attempt ran {ran} (limit 00:01:00)")
     assert "00:01:00" <= ran < "00:03:00", ran  # killed at its limit (slurmctld checks every ~30 s)
+
+
+@pytest.mark.parametrize("required", ["1", "0", None])
+def test_missing_cluster_fails_when_ci_requires_it(required, monkeypatch):
+    """What the cluster fixture does when the cluster cannot start: fail under CI, skip otherwise."""
+    if required is None:
+        monkeypatch.delenv(REQUIRE, raising=False)
+    else:
+        monkeypatch.setenv(REQUIRE, required)
+    outcome = pytest.fail.Exception if required == "1" else pytest.skip.Exception
+    with pytest.raises(outcome, match="no slurmctld here"):
+        cluster_unavailable("no slurmctld here")
