@@ -102,10 +102,70 @@ def test_env_python_is_one_the_suite_supports(path):
 def test_every_package_the_env_installs_is_pinned_in_the_constraints():
     """Walk the installed requirement tree of maskconnect[report,track] (what the env's pip line
     installs): every distribution in it must be pinned, so pip has no version left to choose."""
+    _assert_tree_pinned({"report", "track"})
+
+
+def test_every_package_ci_installs_is_pinned_in_the_constraints():
+    """The same for maskconnect[all], what scripts/setup.sh (hence CI) installs: the test and
+    pipeline extras too."""
+    _assert_tree_pinned({"all"})
+
+
+def _declared() -> set[str]:
+    """Distributions pyproject.toml names: the core dependencies and every extra."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: what the installed metadata says pyproject declared
+        reqs = metadata.requires("maskconnect") or []
+    else:
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {canonicalize_name(Requirement(r).name) for r in reqs}
+
+
+def _imported_modules(folder: Path) -> set[str]:
+    """Top-level modules imported anywhere (also inside functions) by the .py files under ``folder``,
+    and those named by pytest.importorskip("...")."""
+    import ast
+
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                names.add(str(node.args[0].value).split(".")[0])
+    return names
+
+
+def test_every_package_the_tests_and_benchmarks_import_is_declared():
+    """A package a test imports but pyproject.toml does not declare is installed by luck (as another
+    package's dependency), and a test that importorskips it would skip, not fail, without it."""
+    import sys
+
+    local = {"maskconnect", "bench"} | {p.stem for d in ("tests", "bench") for p in (ROOT / d).rglob("*.py")}
+    third_party = {m for d in ("tests", "bench") for m in _imported_modules(ROOT / d)} - local
+    third_party -= set(sys.stdlib_module_names) | {"__future__"}
+    dists = metadata.packages_distributions()
+    declared = _declared()
+    undeclared = {}
+    for module in sorted(third_party):
+        names = {canonicalize_name(d) for d in dists.get(module, [])}
+        assert names, f"{module}: imported by the tests but not installed"
+        if not names & declared:
+            undeclared[module] = sorted(names)
+    assert {"torch", "mlflow", "psutil", "scipy", "yaml"} <= third_party  # the walk sees the imports
+    assert not undeclared, f"imported by tests/ or bench/ but not declared in pyproject.toml: {undeclared}"
+
+
+def _assert_tree_pinned(extras: set[str]) -> None:
     pins = _constraints()
     seen: set[str] = set()
     missing: set[str] = set()
-    todo = [("maskconnect", frozenset({"report", "track"}))]
+    todo = [("maskconnect", frozenset(extras))]
     while todo:
         name, extras = todo.pop()
         key = canonicalize_name(name)
