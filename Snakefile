@@ -24,6 +24,10 @@ min_version("8.10")
 configfile: "pipelines/config.yaml"
 
 
+# `snakemake --report report.zip` (or .html): the tables, figures and REPORT.md of every grid report
+report: "pipelines/report/workflow.rst"
+
+
 include: "pipelines/rules/common.smk"
 include: "pipelines/rules/data.smk"
 include: "pipelines/rules/tracking.smk"

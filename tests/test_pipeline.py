@@ -8,6 +8,7 @@ End-to-end runs are in test_pipeline_e2e.py (marked slow).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -439,12 +440,14 @@ def test_dvc_yaml_declares_params_metrics_plots():
         assert st["cmd"] == G.train_command(run)
         assert list(st["params"][0]) == ["src/maskconnect/grids/demo.yaml"]
         assert f"entries.{run.entry - 1}.connectivity" in st["params"][0]["src/maskconnect/grids/demo.yaml"]
-        assert list(st["metrics"][0]) == [f"{run.run_dir}/metrics.json"]
-        assert list(st["plots"][0]) == [f"{run.run_dir}/history.csv"]
+        # per-run files are persisted outputs; the grid's compact summary is the metric (what DVC shows)
+        assert st["outs"] == [{f"{run.run_dir}/metrics.json": {"cache": False, "persist": True}},
+                              {f"{run.run_dir}/history.csv": {"cache": False, "persist": True}}]
     assert len([k for k in stages if k.startswith("evaluate-")]) == DEMO_RUNS
     report = stages["report-demo"]
     assert report["outs"] == [{"paper_tables/demo": {"cache": False}}]  # committed tables: not in the DVC cache
-    assert stages["aggregate-demo"]["metrics"] == [{"results/metrics/demo.json": {"cache": False}}]
+    assert {"results/metrics/demo.json": {"cache": False}} in stages["aggregate-demo"]["outs"]
+    assert stages["aggregate-demo"]["metrics"][0] == {"results/metrics/demo/digits-20-4-8-full-K8.json": {"cache": False}}
 
 
 def test_dvc_stage_list(checkout):
@@ -468,3 +471,64 @@ def test_dvc_is_initialised_without_remote():
     config = (ROOT / ".dvc" / "config").read_text()
     assert "autostage = false" in config and "analytics = false" in config
     assert "remote" not in config
+
+
+# ---- what DVC shows ----------------------------------------------------------------------------------
+
+def test_dvc_metrics_are_one_compact_file_per_configuration_and_per_run_files_are_outputs():
+    grid = G.load_grid("demo")
+    stages = G.dvc_stages(grid)
+    declared = [next(iter(m)) for s in stages.values() for m in s.get("metrics", [])]
+    configs = sorted({G.config_of(r.run_id) for r in grid.runs})
+    assert sorted(declared) == sorted(G.config_metrics_file("demo", c) for c in configs) and len(declared) == 6
+    for run in grid.runs:  # per-run files stay outputs (persisted across re-runs), not metrics
+        outs = [next(iter(o)) for o in stages[f"train-{run.slug}"]["outs"]]
+        assert outs == [f"{run.run_dir}/metrics.json", f"{run.run_dir}/history.csv"]
+        assert "metrics" not in stages[f"evaluate-{run.slug}"] and "plots" not in stages[f"train-{run.slug}"]
+    # the committed demo summary: `dvc metrics show` prints a Path column and these five, one row per file
+    for c in configs:
+        m = json.loads((ROOT / G.config_metrics_file("demo", c)).read_text())
+        assert set(m) == {"top1", "ci95", "n", "params_train_M", "params_test_M"} and m["n"] == 3, (c, m)
+
+
+def test_dvc_plots_overlay_the_runs_of_each_configuration_and_the_k_effect():
+    grid = G.load_grid("demo")
+    plots = {k: v for p in G.dvc_plots(grid) for k, v in p.items()}
+    curves = {k: v for k, v in plots.items() if "/curves/" in k}
+    assert len(curves) == 6
+    for plot in curves.values():
+        assert plot["x"] == "epoch" and len(plot["y"]) == 3 and set(plot["y"].values()) == {"test_top1"}
+    keffect = plots["demo/k-effect/digits-20-4-8"]
+    assert keffect["x"] == "K" and list(keffect["y"]) == [
+        G.keffect_file("demo", "digits", "20,4,8", c) for c in ("learned", "random", "full")]
+    agg = G.dvc_stages(grid)["aggregate-demo"]
+    assert set(keffect["y"]) <= {next(iter(o)) for o in agg["outs"]}  # the aggregate stage writes them
+    text = (ROOT / "dvc.yaml").read_text()
+    assert yaml.safe_load(text)["plots"] == G.dvc_plots(grid)
+
+
+def test_compact_summary_values(tmp_path):
+    """Mean, 95% Student-t half-width (scipy, computed here), n and parameters per configuration; the
+    K-effect CSVs list each K's mean; a configuration with no complete run is written with n = 0."""
+    from scipy import stats
+
+    from maskconnect.report.compact import write_summary
+
+    grid = G.load_grid("demo")
+    top1 = {0: 90.0, 1: 92.0, 2: 97.0}
+    runs = {}
+    for r in grid.runs:
+        if r.connectivity == "random" and r.fan_in == 4:
+            continue  # not complete yet
+        runs[r.run_id] = {"top1": top1[r.seed] + r.fan_in, "params_train": 273_000, "params_test": 200_000}
+    configs = {G.config_of(rid): {"params_train": 273_000, "params_test": 200_000} for rid in runs}
+    write_summary(grid, "demo", {"configs": configs, "runs": runs}, tmp_path)
+    m = json.loads((tmp_path / "digits-20-4-8-learned-K2.json").read_text())
+    values = [92.0, 94.0, 99.0]
+    half = stats.t.ppf(0.975, 2) * stats.tstd(values) / 3 ** 0.5
+    assert m == {"top1": pytest.approx(95.0, abs=1e-3), "ci95": pytest.approx(half, abs=1e-3), "n": 3,
+                 "params_train_M": 0.273, "params_test_M": 0.2}
+    assert json.loads((tmp_path / "digits-20-4-8-random-K4.json").read_text())["n"] == 0
+    rows = (tmp_path / "keffect-digits-20-4-8-learned.csv").read_text().splitlines()
+    assert rows[0] == "K,top1,ci95,n" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "4"]
+    assert [r.split(",")[0] for r in (tmp_path / "keffect-digits-20-4-8-random.csv").read_text().splitlines()[1:]] == ["2"]

@@ -122,6 +122,49 @@ def test_second_run_does_nothing(built):
     assert not job_counts(proc.stdout)
 
 
+def test_snakemake_report_holds_the_report_tables_and_figures(built):
+    """`snakemake --report report.zip` (as the README says) carries REPORT.md, the tables (Markdown and
+    LaTeX), the K-effect, curves and mask-dynamics figures, under the grid's category."""
+    import zipfile
+
+    root, runs, _ = built
+    snakemake(["--report", "report.zip", "--config", f"grid={GRID_FILE}"], root, check=True)
+    with zipfile.ZipFile(root / "report.zip") as z:
+        names = z.namelist()
+        html = "\n".join(z.read(n).decode("utf-8", "replace") for n in names if n.endswith((".html", ".js")))
+    base = {Path(n).name for n in names}
+    for expected in ("REPORT.md", "table_digits.md", "table_digits.tex", "fanin_digits_20-4-8.png",
+                     "curves_digits_20-4-8.png", "mask_dynamics_digits_20-4-8.png"):
+        assert expected in base, (expected, sorted(base)[:40])
+    for caption in ("digits: K-effect", "digits: mask dynamics", "digits: tables", "all datasets: claims report",
+                    "test top-1 (%) against the fan-in K"):
+        assert caption in html, caption
+
+
+def test_dvc_metrics_show_fits_a_terminal_and_plots_overlay_the_seeds(built):
+    """After the pipeline, `dvc metrics show` prints one row per configuration and a handful of columns,
+    and `dvc plots show` renders the overlaid curves and the K-effect (dvc.yaml generated from the grid)."""
+    root, runs, _ = built
+    run([BIN / "maskconnect", "grid", "dvc", "--grid", GRID_FILE, "--out", "dvc.yaml"], root, check=True)
+    shown = dvc(["metrics", "show"], root, check=True).stdout
+    lines = [ln for ln in shown.splitlines() if ln.strip()]
+    header = lines[0].split()
+    # (one seed per configuration here: no interval, and DVC leaves out a column of nulls)
+    assert {"Path", "n", "params_test_M", "params_train_M", "top1"} <= set(header) <= {
+        "Path", "ci95", "n", "params_test_M", "params_train_M", "top1"}, shown
+    assert len(lines) == 1 + 3  # one row per configuration
+    as_json = json.loads(dvc(["metrics", "show", "--json"], root, check=True).stdout)
+    assert "top1" in json.dumps(as_json)
+    out = root / "plots"
+    dvc(["plots", "show", "--json", "-o", str(out)], root, check=True)
+    shown = dvc(["plots", "show", "--json"], root, check=True).stdout
+    data = json.loads(shown)
+    plots = data.get("data", data) if isinstance(data, dict) else data
+    ids = set(plots) if isinstance(plots, dict) else set()
+    curves = [i for i in ids if "/curves/" in i]
+    assert len(curves) == 3 and any("/k-effect/" in i for i in ids), sorted(ids)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,17 +201,31 @@ def test_mlflow_ui_shows_every_run_with_its_metrics(built):
         by_name = {e["name"]: e["experiment_id"] for e in exps}
         assert "maskconnect/digits/ci" in by_name, sorted(by_name)
         found = _api(port, "runs/search", {"experiment_ids": [by_name["maskconnect/digits/ci"]], "max_results": 1000})
-        tagged = {}
+        tagged, tag_sets = {}, {}
         for r in found.get("runs", []):
             tags = {t["key"]: t["value"] for t in r["data"].get("tags", [])}
             tagged[tags.get("maskconnect.run_dir", "")] = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
+            tag_sets[tags.get("maskconnect.run_dir", "")] = tags
         for run_ in runs:
             key = str((root / run_.run_dir).resolve())
             assert key in tagged, (key, sorted(tagged))
             metrics = json.loads((root / run_.run_dir / "metrics.json").read_text())
             assert tagged[key]["top1"] == pytest.approx(metrics["top1"])
             assert "test_top1" in tagged[key]  # the per-epoch history too
+            # the tags the README tells users to filter by
+            t = tag_sets[key]
+            assert (t["grid"], t["dataset"], t["arch"], t["connectivity"], t["K"]) == (
+                "ci", "digits", run_.arch, run_.connectivity, str(run_.fan_in)), t
+        learned = _api(port, "runs/search", {"experiment_ids": [by_name["maskconnect/digits/ci"]],
+                                              "filter": "tags.connectivity = 'learned' and tags.K = '2'"})
+        assert len(learned.get("runs", [])) == 1
         assert "maskconnect/reports" in by_name  # the report's summary was logged
+        reports = _api(port, "runs/search", {"experiment_ids": [by_name["maskconnect/reports"]]}).get("runs", [])
+        report = next(r for r in reports if r["info"]["run_name"] == "report ci")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/artifacts/list?run_id="
+                                    f"{report['info']['run_id']}", timeout=30) as resp:
+            listed = {f["path"] for f in json.loads(resp.read()).get("files", [])}
+        assert {"REPORT.md", "figures", "tables"} <= listed, listed
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)

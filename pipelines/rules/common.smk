@@ -76,6 +76,35 @@ def preflight_input(wildcards):
     return ancient(G.preflight_record(GRID.name)) if PREFLIGHT else []
 
 
+REPORT_KINDS = {"fanin": "K-effect", "curves": "training curves", "masks": "masks", "mask_dynamics": "mask dynamics"}
+
+
+def _report_dataset(wildcards):
+    """The dataset a report file is about: figure and table names start with it (``fanin_digits_20-4-8``,
+    ``table_digits``); REPORT.md covers the grid."""
+    name = getattr(wildcards, "name", None) or (getattr(wildcards, "table", "") or "").removeprefix("table_")
+    return name.split("_")[0] if name else "all datasets"
+
+
+def report_subcategory(wildcards):
+    """`snakemake --report`'s subcategory: the dataset, then the kind (claims report, tables, figures)."""
+    if getattr(wildcards, "kind", None):
+        kind = REPORT_KINDS[wildcards.kind]
+    elif getattr(wildcards, "table", None):
+        kind = "tables"
+    else:
+        kind = "claims report"
+    return f"{_report_dataset(wildcards)}: {kind}"
+
+
+def report_labels(wildcards):
+    if getattr(wildcards, "kind", None):
+        return {"figure": REPORT_KINDS[wildcards.kind], "model": wildcards.name}
+    if getattr(wildcards, "table", None):
+        return {"table": wildcards.table}
+    return {"document": "REPORT.md"}
+
+
 def all_targets():
     targets = []
     for part in GRID.parts:

@@ -9,6 +9,7 @@ rule aggregate:
     output:
         metrics=G.metrics_file("{grid}"),
         expected=G.expected_file("{grid}"),
+        summary=directory(G.summary_dir("{grid}")),
     params:
         grid=lambda w: GRID.ref if w.grid == GRID.name else w.grid,
     log:
@@ -16,7 +17,8 @@ rule aggregate:
     conda:
         ENV
     shell:
-        "maskconnect grid collect --grid {params.grid} --out {output.metrics} --expected-out {output.expected} > {log} 2>&1"
+        "maskconnect grid collect --grid {params.grid} --out {output.metrics} --expected-out {output.expected} "
+        "--summary-dir {output.summary} > {log} 2>&1"
 
 
 rule report:
@@ -24,7 +26,21 @@ rule report:
         metrics=G.metrics_file("{grid}"),
         expected=G.expected_file("{grid}"),
     output:
-        directory(G.tables_dir("{grid}")),
+        # `snakemake --report report.zip`: REPORT.md, the tables (Markdown; LaTeX as files) and the
+        # figures, by grid, then dataset and kind, each with a caption (pipelines/report/result.rst)
+        report(
+            directory(G.tables_dir("{grid}")),
+            patterns=[
+                "{doc,REPORT}.md",
+                "tables/{table,[^/]+}.md",
+                "tables/{table,[^/]+}.tex",
+                "figures/{kind,fanin|curves|masks|mask_dynamics}_{name,[^/]+}.png",
+            ],
+            caption="../report/result.rst",
+            category="{grid}",
+            subcategory=report_subcategory,
+            labels=report_labels,
+        ),
     log:
         G.log_file("{grid}", "report"),
     conda:

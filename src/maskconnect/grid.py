@@ -104,6 +104,39 @@ def expected_file(grid: str) -> str:
     return f"{RESULTS}/metrics/{grid}.runs.txt"
 
 
+def summary_dir(grid: str) -> str:
+    """The grid's compact results (``grid collect --summary-dir``): one small metrics file per
+    configuration (DVC's metrics: ``dvc metrics show`` prints one row each) and the K-effect series."""
+    return f"{RESULTS}/metrics/{grid}"
+
+
+def config_of(run_id_text: str) -> str:
+    """The configuration of a run id: the run id less its seed (``digits/20-4-8/learned-K2``)."""
+    return run_id_text.rsplit("/", 1)[0]
+
+
+def config_metrics_file(grid: str, config: str) -> str:
+    """A configuration's compact metrics: top-1 mean, 95% CI half-width, n, parameters train/test."""
+    return f"{summary_dir(grid)}/{config.replace('/', '-')}.json"
+
+
+def keffect_file(grid: str, dataset: str, arch: str, connectivity: str) -> str:
+    """Top-1 against the fan-in K of one model and connectivity (CSV: K, top1, ci95, n)."""
+    return f"{summary_dir(grid)}/keffect-{dataset}-{arch.replace(',', '-')}-{connectivity}.csv"
+
+
+def keffect_series(runs: Iterable["Run"]) -> dict[tuple[str, str], list[str]]:
+    """(dataset, arch) -> the connectivities whose top-1 against K is drawn (Learned and Fixed-Random,
+    with Fixed-Full as the K = C point), for the models of ``runs`` trained at more than one K."""
+    ks: dict[tuple[str, str], set] = {}
+    kinds: dict[tuple[str, str], set] = {}
+    for r in runs:
+        ks.setdefault((r.dataset, r.arch), set()).add(r.fan_in)
+        kinds.setdefault((r.dataset, r.arch), set()).add(r.connectivity)
+    order = ("learned", "random", "full")
+    return {key: [c for c in order if c in kinds[key]] for key in ks if len(ks[key]) > 1}
+
+
 def tables_dir(grid: str) -> str:
     return f"{TABLES}/{grid}"
 
@@ -526,7 +559,7 @@ def evaluate_command(run: Run) -> str:
 
 def aggregate_command(grid: Grid, part: str) -> str:
     return (f"maskconnect grid collect --grid {_grid_ref(grid, part)} "
-            f"--out {metrics_file(part)} --expected-out {expected_file(part)}")
+            f"--out {metrics_file(part)} --expected-out {expected_file(part)} --summary-dir {summary_dir(part)}")
 
 
 def report_command(part: str) -> str:
@@ -598,16 +631,17 @@ def dvc_stages(grid: Grid) -> dict:
                 "cmd": train_command(run),
                 "deps": [data_marker(run.dataset), tracking_marker()] + ([preflight_record(grid.name)] if preflight else []),
                 "params": [{source: _param_keys(run, files[part])}],
-                # persist: a stage that runs again resumes or skips the run (`maskconnect train` decides)
-                "metrics": [{f"{run.run_dir}/metrics.json": {"cache": False, "persist": True}}],
-                "plots": [{f"{run.run_dir}/history.csv": {"cache": False, "persist": True,
-                                                          "x": "epoch", "y": "test_top1"}}],
+                # persist: a stage that runs again resumes or skips the run (`maskconnect train` decides).
+                # Per-run files are outputs; the grid's compact summary is the metric, and the
+                # top-level plots overlay the runs (dvc_plots)
+                "outs": [{f"{run.run_dir}/{name}": {"cache": False, "persist": True}}
+                         for name in ("metrics.json", "history.csv")],
             }
         for run in runs:
             stages[f"evaluate-{run.slug}"] = {
                 "cmd": evaluate_command(run),
                 "deps": [f"{run.run_dir}/metrics.json"],
-                "metrics": [{f"{run.run_dir}/eval.json": dict(nocache)}],
+                "outs": [{f"{run.run_dir}/eval.json": dict(nocache)}],
             }
     for part in grid.parts:
         runs = grid.runs_of(part)
@@ -615,8 +649,9 @@ def dvc_stages(grid: Grid) -> dict:
         stages[f"aggregate-{part}"] = {
             "cmd": aggregate_command(grid, part),
             "deps": results,
-            "metrics": [{metrics_file(part): dict(nocache)}],
-            "outs": [{expected_file(part): dict(nocache)}],
+            "metrics": [{config_metrics_file(part, c): dict(nocache)}
+                        for c in dict.fromkeys(config_of(r.run_id) for r in runs)],
+            "outs": [{f: dict(nocache)} for f in (metrics_file(part), expected_file(part), *_keffect_files(part, runs))],
         }
         stages[f"report-{part}"] = {
             "cmd": report_command(part),
@@ -636,6 +671,33 @@ def dvc_stages(grid: Grid) -> dict:
     return stages
 
 
+def _keffect_files(part: str, runs: list[Run]) -> list[str]:
+    return [keffect_file(part, ds, arch, c) for (ds, arch), kinds in keffect_series(runs).items() for c in kinds]
+
+
+def dvc_plots(grid: Grid) -> list[dict]:
+    """The top-level ``plots:`` of dvc.yaml: per configuration, its runs' test top-1 against the epoch
+    overlaid (one line per seed); per model trained at several K, top-1 against K for Learned and
+    Fixed-Random (Fixed-Full at K = C)."""
+    plots = []
+    for part in grid.parts:
+        runs = grid.runs_of(part)
+        configs: dict[str, list[Run]] = {}
+        for r in runs:
+            configs.setdefault(config_of(r.run_id), []).append(r)
+        for config, members in configs.items():
+            plots.append({f"{part}/curves/{config.replace('/', '-')}": {
+                "title": f"{part}: {config}, test top-1 (%) per epoch, one line per seed",
+                "template": "linear", "x": "epoch", "x_label": "epoch", "y_label": "test top-1 (%)",
+                "y": {f"{r.run_dir}/history.csv": "test_top1" for r in members}}})
+        for (ds, arch), kinds in keffect_series(runs).items():
+            plots.append({f"{part}/k-effect/{ds}-{arch.replace(',', '-')}": {
+                "title": f"{part}: {ds} {{{arch}}}, top-1 (%) against the fan-in K (mean over seeds)",
+                "template": "linear", "x": "K", "x_label": "fan-in K", "y_label": "test top-1 (%), mean",
+                "y": {keffect_file(part, ds, arch, c): "top1" for c in kinds}}})
+    return plots
+
+
 def dvc_yaml(grid: Grid | str = DEFAULT_GRID) -> str:
     """The text of dvc.yaml for ``grid`` (``maskconnect grid dvc``)."""
     import yaml
@@ -643,7 +705,8 @@ def dvc_yaml(grid: Grid | str = DEFAULT_GRID) -> str:
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
     header = DVC_HEADER.format(name=grid.name, source=_project_path(grid.path), ref=grid.ref)
-    body = yaml.safe_dump({"stages": dvc_stages(grid)}, sort_keys=False, width=1000, default_flow_style=False)
+    body = yaml.safe_dump({"stages": dvc_stages(grid), "plots": dvc_plots(grid)}, sort_keys=False, width=1000,
+                          default_flow_style=False)
     return header + body
 
 

@@ -61,6 +61,11 @@ def _cmd_collect(args) -> int:
         print(json.dumps(result, indent=2))
     if args.expected_out:
         atomic_write_text(args.expected_out, "".join(f"{r.run_id}\n" for r in grid.runs))
+    if args.summary_dir:
+        from .report.compact import write_summary
+
+        part = grid.parts[0] if len(grid.parts) == 1 else grid.name
+        write_summary(grid, part, result, args.summary_dir)
     print(f"grid {grid.name!r}: {result['runs_complete']} of {result['runs_expected']} runs complete"
           + (f"; missing: {', '.join(result['missing'])}" if result["missing"] else ""), file=sys.stderr)
     return 0
@@ -89,6 +94,9 @@ def register(sub) -> None:
     q.add_argument("--grid", default=DEFAULT_GRID, help=f"grid name or file (default {DEFAULT_GRID})")
     q.add_argument("--out", help="JSON file to write (default: print)")
     q.add_argument("--expected-out", dest="expected_out", help="also write the grid's run ids here, one per line")
+    q.add_argument("--summary-dir", dest="summary_dir",
+                   help="also write the compact results here: a metrics file per configuration (top-1 mean, 95%% CI, "
+                        "n, parameters train/test; DVC's metrics) and top-1 against K per model (CSV; DVC's plots)")
     q.set_defaults(func=_cmd_collect)
 
     from . import gpu_slot

@@ -848,6 +848,19 @@ def _read_history(path: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
+def run_tags(config: Mapping[str, Any], experiment: str | None = None) -> dict[str, str]:
+    """The tags a training run is filtered by in the MLflow UI: ``grid`` (from the experiment
+    ``maskconnect/<dataset>/<grid>`` the pipeline names), ``dataset``, ``arch``, ``connectivity``
+    and ``K`` (also ``fan_in``, its older name)."""
+    experiment = experiment or config.get("experiment") or ""
+    parts = str(experiment).split("/")
+    k = config.get("fan_in")
+    tags = {"dataset": config.get("dataset"), "arch": config.get("arch"), "connectivity": config.get("connectivity"),
+            "K": None if k is None else str(k), "fan_in": None if k is None else str(k),
+            "grid": parts[2] if len(parts) == 3 and parts[0] == "maskconnect" else None}
+    return {key: str(v) for key, v in tags.items() if v is not None}
+
+
 def _default_experiment(run_dir: Path, config: Mapping[str, Any]) -> str:
     """``maskconnect/<dataset>/<grid>`` for ``.../runs/<grid>/...``, else ``maskconnect/<dataset>``."""
     parts = run_dir.parts
@@ -917,6 +930,7 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
         "seed": (metrics or {}).get("seed", config.get("seed")),
         "maskconnect.status": (metrics or {}).get("status", "incomplete"),
         RUN_DIR_TAG: run_key,
+        **run_tags(config, experiment),
     })
     params = flatten_params(config)
     final = _final_metrics(metrics) if metrics else {}

@@ -520,9 +520,16 @@ def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Dist
     """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into model, optimiser,
     scheduler and the RNG; returns (history, best, epoch, wall)."""
     # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
-    if dist.world > 1:  # every rank resumes from the file rank 0 chose
-        choice = [str(_load_checkpoint(out, cfg)[1]) if dist.main else None]
+    if dist.world > 1:  # every rank resumes from the file rank 0 chose (or stops with its error)
+        choice: list = [None]
+        if dist.main:
+            try:
+                choice = [str(_load_checkpoint(out, cfg)[1])]
+            except RunDirError as e:
+                choice = [e]
         torch.distributed.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], RunDirError):
+            raise RunDirError(str(choice[0]))
         ck = torch.load(choice[0], map_location="cpu", weights_only=True)
     else:
         ck = _load_checkpoint(out, cfg)[0]
@@ -634,13 +641,13 @@ def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:
 
 
 def _start_tracker(cfg: TrainConfig, out: Path, spec: ModelSpec, device: torch.device):
-    from .tracking import Tracker
+    from .tracking import Tracker, run_tags
 
     t = Tracker(out, experiment=cfg.experiment, run_name=str(out), uri=cfg.tracking_uri, enabled=True)
     flat = {k: v for k, v in asdict(cfg).items()}
     t.start(flat, {"git_commit": _git_commit() or "unknown", "torch_version": torch.__version__,
-                   "device": _device_name(device), "seed": str(cfg.seed), "connectivity": spec.connectivity,
-                   "arch": spec.arch, "fan_in": str(spec.fan_in), "dataset": cfg.dataset})
+                   "device": _device_name(device), "seed": str(cfg.seed),
+                   **run_tags({**flat, "arch": spec.arch, "fan_in": spec.fan_in}, cfg.experiment)})
     return t
 
 
