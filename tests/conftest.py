@@ -7,6 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))  # the benchmarks: `import bench` (bench/ sits at the repository root)
 
 
 @pytest.fixture(autouse=True, scope="session")

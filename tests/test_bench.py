@@ -16,17 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskconnect.bench_cli import load_bench
+import bench  # the repository's bench/ package (tests/conftest.py puts the repository root on sys.path)
+from bench.common import Context, goal, summarize
+from bench.naive import naive_forward
+from bench.projection import BUILTIN_GRIDS, RECIPE, Run, project, run_hours, steps_per_epoch, suite_grids
+from bench.workloads import Config, flops_per_image
 from maskconnect.models import MaskedResNeXt
 from maskconnect.specs import make_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-bench = load_bench()  # the repository's bench/ package (puts the repository root on sys.path)
-
-from bench.common import Context, goal, summarize  # noqa: E402
-from bench.naive import naive_forward  # noqa: E402
-from bench.projection import BUILTIN_GRIDS, RECIPE, Run, project, run_hours, steps_per_epoch, suite_grids  # noqa: E402
-from bench.workloads import Config, flops_per_image  # noqa: E402
 
 TIMED = ("throughput", "naive", "mixing", "torchvision", "inference", "datapath", "projection")
 GPU_GOALS = {"throughput": "learned_k4_vs_full_throughput", "naive": "vectorised_vs_naive",
@@ -275,15 +273,30 @@ def test_goal_verdicts_and_their_device():
 
 # --- command line ----------------------------------------------------------------------------------
 
-def test_maskconnect_bench_forwards_and_reports_bad_input(capsys):
+def test_maskconnect_bench_forwards_and_reports_bad_input(capfd):
+    # `maskconnect bench` runs `python -m bench` in a child process: its output is the child's (capfd)
     from maskconnect.cli import main
 
     assert main(["bench", "throughput", "--device", "no-such-device"]) == 2
-    assert "device" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "--help"])
-    assert e.value.code == 0
-    assert "maskconnect bench" in capsys.readouterr().out
+    assert "device" in capfd.readouterr().err
+    assert main(["bench", "--help"]) == 0
+    assert "maskconnect bench" in capfd.readouterr().out
+
+
+def test_maskconnect_bench_outside_a_checkout(tmp_path, monkeypatch, capsys):
+    from maskconnect.cli import bench as bench_command, main
+
+    monkeypatch.setattr(bench_command, "REPO_ROOT", tmp_path)
+    assert main(["bench", "all", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "maskconnect bench: error:" in err and "checkout" in err and str(tmp_path) in err
+
+
+def test_the_package_never_imports_the_benchmarks():
+    # bench/ imports maskconnect, never the reverse: the subcommand leaves `bench` to its child process
+    code = ("import sys; from maskconnect.cli import main; assert main(['bench', '--help']) == 0; "
+            "assert 'bench' not in sys.modules and not any(m.startswith('bench.') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT / "src")
 
 
 def test_cuda_check_code_runs_with_cpu_bf16(tmp_path):

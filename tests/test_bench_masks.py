@@ -1,15 +1,10 @@
 """bench/masks.py (issue 10's planted-connectivity and long-schedule benchmark): the pieces a
 record depends on, on a short run."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bench package sits at the repo root
-
-from bench.masks import PAPER_SUMMED_MASK_LR, PlantedRun, paper_equivalent_mask_lr, planted_sources, run_planted  # noqa: E402
+from bench.masks import PAPER_SUMMED_MASK_LR, PlantedRun, paper_equivalent_mask_lr, planted_sources, run_planted  # conftest: root on sys.path
 
 
 def test_paper_equivalent_mask_lr():

@@ -10,14 +10,12 @@ import json
 import pytest
 import torch
 
-from maskconnect.bench_cli import load_bench
+import bench  # the repository's bench/ package (tests/conftest.py puts the repository root on sys.path)
+from bench.memory import saved_bytes
 from maskconnect.connectivity import freeze_masks
 from maskconnect.models import MaskedResNeXt, build_model
 from maskconnect.pruning import prune
 from maskconnect.specs import make_spec
-
-bench = load_bench()
-from bench.memory import saved_bytes  # noqa: E402
 
 C = 8
 # {20,4,8} at a small width: every kind of module (stem-fed, identity, projection with stride 2, output node)

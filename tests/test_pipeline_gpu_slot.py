@@ -27,7 +27,7 @@ def _env(tmp_path, **kw):
 
 
 def _slot(args, env, **kw):
-    return subprocess.run([sys.executable, "-m", "maskconnect.gpu_slot", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "maskconnect", "gpu-slot", *args], env=env, capture_output=True,
                           text=True, timeout=60, **kw)
 
 
@@ -74,7 +74,7 @@ def test_command_runs_on_a_free_gpu_and_holds_it_until_it_exits(tmp_path):
     assert out.stdout.strip() == "5"
     os.close(fds[0])
     # a long job keeps its GPU locked while it runs; a second job gets the other one
-    slow = subprocess.Popen([sys.executable, "-m", "maskconnect.gpu_slot", "--gpus", "1", "--", sys.executable, "-c",
+    slow = subprocess.Popen([sys.executable, "-m", "maskconnect", "gpu-slot", "--gpus", "1", "--", sys.executable, "-c",
                              "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(30)"],
                             env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -160,7 +160,7 @@ def test_slurm_job_gpus_used_when_cuda_visible_devices_is_unset(tmp_path):
 def test_jobs_sharing_one_slurm_allocation_get_distinct_gpus(tmp_path):
     env = _env(tmp_path, SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="0,1")
     other, fds = gpu_slot.acquire(1, ["0"], tmp_path)  # a lock outside this job's folder: ignored
-    slow = subprocess.Popen([sys.executable, "-m", "maskconnect.gpu_slot", "--gpus", "1", "--", sys.executable, "-c",
+    slow = subprocess.Popen([sys.executable, "-m", "maskconnect", "gpu-slot", "--gpus", "1", "--", sys.executable, "-c",
                              "import os, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(30)"],
                             env=env, stdout=subprocess.PIPE, text=True)
     try:

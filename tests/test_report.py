@@ -19,7 +19,8 @@ import pytest
 from scipy import stats as st
 
 from maskconnect.errors import ConfigError
-from maskconnect.report import add_report_arguments, build_report, run_report
+from maskconnect.cli.report import add_report_arguments, run_report
+from maskconnect.report import build_report
 from maskconnect.report.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, combine, evaluate
 from maskconnect.report.figures import live_branches
 from maskconnect.report.paper import load_reference, normalize_model, paper_stats
@@ -419,7 +420,7 @@ def test_cli_arguments_and_empty_results(tmp_path):
 
 def test_report_layer_imports_neither_torch_nor_mlflow():
     # Registering the CLI subcommand must not need the report extra (the GPU box has torch only) ...
-    code = ("import sys, argparse, maskconnect.report as r; r.add_report_arguments(argparse.ArgumentParser()); "
+    code = ("import sys, argparse, maskconnect.cli.report as r; r.add_report_arguments(argparse.ArgumentParser()); "
             "bad = {'pandas', 'scipy', 'seaborn', 'matplotlib'} & set(sys.modules); assert not bad, bad; "
             # ... and building a report never needs torch or mlflow.
             "import maskconnect.report.build; "

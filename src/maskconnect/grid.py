@@ -375,7 +375,7 @@ def _train_parser():
     the command line a pipeline job runs, and are checked by the same rules."""
     import argparse
 
-    from . import train_cli
+    from .cli import train as train_cli
 
     sub = argparse.ArgumentParser(prog="maskconnect").add_subparsers()
     train_cli.register(sub)

@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def _cmd(args) -> int:
-    from .runner import run_preflight
+    from ..preflight.runner import run_preflight
 
     _, code = run_preflight(args.grid, args.device, args.out, compile=args.compile, ddp=args.ddp,
                             time_steps=args.time_steps)

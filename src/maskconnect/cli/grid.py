@@ -1,8 +1,6 @@
 """``maskconnect grid``: list a grid's runs, check grid files, generate dvc.yaml, aggregate metrics.
 
 The logic lives in :mod:`maskconnect.grid` (which the Snakefile imports); this is its command line.
-It also registers ``maskconnect gpu-slot`` (:mod:`maskconnect.gpu_slot`), the GPU wrapper of the
-pipelines.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .grid import DEFAULT_GRID, available_grids, collect, dvc_yaml, load_grid
+from ..grid import DEFAULT_GRID, available_grids, collect, dvc_yaml, load_grid
 
 
 def _cmd_list(args) -> int:
@@ -42,7 +40,7 @@ def _cmd_check(args) -> int:
 def _cmd_dvc(args) -> int:
     text = dvc_yaml(load_grid(args.grid))
     if args.out:
-        from .io import atomic_write_text
+        from ..io import atomic_write_text
 
         atomic_write_text(args.out, text)
     else:
@@ -51,7 +49,7 @@ def _cmd_dvc(args) -> int:
 
 
 def _cmd_collect(args) -> int:
-    from .io import atomic_write_json, atomic_write_text
+    from ..io import atomic_write_json, atomic_write_text
 
     grid = load_grid(args.grid)
     result = collect(grid)
@@ -62,7 +60,7 @@ def _cmd_collect(args) -> int:
     if args.expected_out:
         atomic_write_text(args.expected_out, "".join(f"{r.run_id}\n" for r in grid.runs))
     if args.summary_dir:
-        from .report.compact import write_summary
+        from ..report.compact import write_summary
 
         part = grid.parts[0] if len(grid.parts) == 1 else grid.name
         write_summary(grid, part, result, args.summary_dir)
@@ -72,7 +70,7 @@ def _cmd_collect(args) -> int:
 
 
 def register(sub) -> None:
-    """Add ``maskconnect grid`` (and ``maskconnect gpu-slot``) to the command line."""
+    """Add ``maskconnect grid`` to the command line."""
     p = sub.add_parser("grid", help="experiment grids: list runs, check grid files, generate dvc.yaml, aggregate",
                        description="Experiment grids (src/maskconnect/grids/*.yaml): the one definition the "
                                    "Snakefile and dvc.yaml read. GRID is a packaged name (" + ", ".join(available_grids())
@@ -98,26 +96,3 @@ def register(sub) -> None:
                    help="also write the compact results here: a metrics file per configuration (top-1 mean, 95%% CI, "
                         "n, parameters train/test; DVC's metrics) and top-1 against K per model (CSV; DVC's plots)")
     q.set_defaults(func=_cmd_collect)
-
-    from . import gpu_slot
-
-    gpu_slot.register(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m maskconnect.grid_cli ACTION ...`` (the same as ``maskconnect grid ACTION ...``)."""
-    from .errors import MaskConnectError
-
-    parser = argparse.ArgumentParser(prog="maskconnect")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args(["grid", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args) or 0)
-    except MaskConnectError as e:
-        print(f"maskconnect grid: error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from pathlib import Path
 
 
@@ -30,14 +28,16 @@ def register(sub) -> None:
 
 
 def _init(args) -> int:
-    from .tracking import ensure_store
+    from ..tracking import ensure_store
 
     print(ensure_store(args.tracking_uri, strict=True))
     return 0
 
 
 def _sync(args) -> int:
-    from .tracking import _normalise_uri, as_tracking_error, sync_run_dir
+    from ..tracking import _normalise_uri, as_tracking_error, sync_run_dir
+
+    from .messages import one_line_warnings
 
     uri = _normalise_uri(args.tracking_uri)
     with one_line_warnings("track sync"):
@@ -51,8 +51,8 @@ def _sync(args) -> int:
 
 
 def _log_report(args) -> int:
-    from .io import atomic_write_text
-    from .tracking import _normalise_uri, as_tracking_error, log_report
+    from ..io import atomic_write_text
+    from ..tracking import _normalise_uri, as_tracking_error, log_report
 
     try:
         run_id = log_report(args.report_dir, uri=args.tracking_uri, experiment=args.experiment)
@@ -62,36 +62,3 @@ def _log_report(args) -> int:
         atomic_write_text(args.marker, run_id + "\n")
     print(run_id)
     return 0
-
-
-@contextlib.contextmanager
-def one_line_warnings(command: str):
-    """Show this package's warnings (tracking off, lock unsupported) as one line each,
-    ``maskconnect <command>: warning: ...``, and keep MLflow's and urllib3's retry logs out of the way
-    (the warning says what failed)."""
-    import logging
-    import warnings
-
-    from .runlock import RunLockWarning
-    from .tracking import TrackingWarning
-
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (TrackingWarning, RunLockWarning)):
-            print(f"maskconnect {command}: warning: {message}", file=sys.stderr, flush=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    quiet = [logging.getLogger(name) for name in ("urllib3.connectionpool", "mlflow.store.db.utils",
-                                                  "mlflow.utils.request_utils", "alembic.runtime.migration")]
-    levels = [q.level for q in quiet]
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)

@@ -1,17 +1,9 @@
-"""The ``maskconnect`` command line. Every subcommand is a thin layer over the package.
-
-Bad input exits with code 2 and a one-line message naming the field, the value and what is allowed.
-Subcommands import their heavy dependencies (torch, mlflow, pandas) lazily, so ``--help`` is quick.
-"""
+"""``maskconnect describe``: parameters, FLOPs, modules and branches of a model."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-
-from . import __version__
-from .errors import MaskConnectError
 
 DESCRIBE_DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic")
 
@@ -28,14 +20,14 @@ def _add_spec_arguments(p: argparse.ArgumentParser, *, dataset_required: bool = 
 
 
 def _spec_from_args(args):
-    from .specs import make_spec
+    from ..specs import make_spec
 
     return make_spec(args.arch, connectivity=args.connectivity, fan_in=args.fan_in, dataset=args.dataset,
                      seed=args.seed, stage_width=args.stage_width)
 
 
 def _cmd_describe(args) -> int:
-    from .describe import describe
+    from ..describe import describe
 
     info = describe(_spec_from_args(args))
     if args.json:
@@ -53,15 +45,7 @@ def _cmd_describe(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="maskconnect",
-        description="MaskConnect reproduction suite: masked ResNeXt models, training, reports.",
-    )
-    parser.add_argument("--version", action="version", version=f"maskconnect {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def register(sub) -> None:
     p = sub.add_parser("describe", help="parameters (before/after pruning), FLOPs, modules and branches of a model",
                        description="Describe a model: parameters before ('train') and after ('test') pruning, "
                                    "FLOPs per image (torch.utils.flop_counter, 2 x MACs), modules and branches. "
@@ -69,41 +53,3 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (keys include params_train, params_test, flops)")
     p.set_defaults(func=_cmd_describe)
-
-    _register_subcommands(sub)
-    return parser
-
-
-def _register_subcommands(sub) -> None:
-    """Subcommands that live in their own modules (each imports its heavy dependencies lazily, so --help is quick)."""
-    from . import bench_cli, grid_cli, train_cli, track_cli
-    from .preflight import cli as preflight_cli
-    from .report import add_report_arguments, run_report
-
-    train_cli.register(sub)
-    track_cli.register(sub)
-    p = sub.add_parser("report", help="tables, figures and the claims report from a results folder",
-                       description="Build the paper's tables (LaTeX, Markdown, CSV), figures and REPORT.md from "
-                                   "run directories (metrics.json is the source of truth).")
-    add_report_arguments(p)
-    p.set_defaults(func=run_report)
-    grid_cli.register(sub)
-    preflight_cli.register(sub)
-    bench_cli.register(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MaskConnectError as e:
-        print(f"maskconnect {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"maskconnect {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
