@@ -25,15 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-LAYOUTS = ("cifar", "imagenet")
-
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about a dataset.
 
-    ``layout`` picks the architecture family: ``'cifar'`` (3x3 stem, 3 stages) for small images,
-    ``'imagenet'`` (7x7 stem + max-pool, 4 stages) for 224x224 images.
+    ``layout`` picks the architecture family (one of :data:`maskconnect.specs.LAYOUTS`): ``'cifar'``
+    (3x3 stem, 3 stages) for small images, ``'imagenet'`` (7x7 stem + max-pool, 4 stages) for 224x224 images.
     """
 
     name: str
