@@ -1,7 +1,10 @@
 """Where a number was measured: the device, its driver and the software versions, the git commit.
 
-Used by the preflight record and the benchmarks' records (bench/common.py), so both describe a
-machine the same way. Torch-only: nothing here imports mlflow, snakemake or dvc.
+The one home of these facts: a training run's metrics.json (``versions``, ``run_device``,
+``git_commit``), its MLflow tags, the preflight record and the benchmarks' records
+(bench/common.py) all describe a machine with these functions. torch is imported only inside the
+functions that need it, so ``git_commit`` costs no torch import; nothing here imports mlflow,
+snakemake or dvc.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -42,7 +47,30 @@ def cpu_name() -> str:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def run_device(device: torch.device) -> str:
+    """The ``device`` of a training run's metrics.json and MLflow tags: the GPU's name, or
+    ``cpu (<processor>, <N> threads)``."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    """The ``versions`` of a training run's metrics.json."""
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {"maskconnect": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda}
 
 
 def device_kind(device: torch.device) -> str:
@@ -78,6 +106,7 @@ def nvidia_smi() -> list[dict] | None:
 
 def environment(device: torch.device) -> dict:
     """Device, versions and host facts for a record."""
+    import torch
     import torchvision
 
     cuda = device.type == "cuda"
