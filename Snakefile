@@ -12,7 +12,7 @@
 #
 # The grid (src/maskconnect/grids/<name>.yaml) is the one definition of the runs; this workflow
 # and dvc.yaml (generated: `maskconnect grid dvc`) only read it. Every rule runs one command of the
-# suite's CLI; the logic is in the package (maskconnect.grid), where it is tested.
+# suite's CLI, built by the package (maskconnect.experiments: commands.py), where it is tested.
 # Outputs: run directories in results/runs/<grid>/, tables and figures in paper_tables/<grid>/,
 # logs in results/logs/, training benchmarks in results/benchmarks/, MLflow in results/mlflow.db.
 

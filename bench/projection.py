@@ -55,7 +55,7 @@ class Run:
         return (self.layout, self.arch, self.connectivity)
 
 
-# The grids' home is maskconnect.grid (src/maskconnect/grids/*.yaml). It needs pyyaml and jsonschema,
+# The grids' home is maskconnect.experiments (src/maskconnect/grids/*.yaml). It needs pyyaml and jsonschema,
 # which a GPU machine with torch alone may lack, so the benchmarks keep this copy as a fallback; a
 # test checks that the two agree.
 def _cifar100() -> list[Run]:
@@ -88,9 +88,9 @@ GRID_NAMES = ("cifar100", "cifar10", "imagenet", "paper")
 
 
 def suite_grids() -> dict[str, list[Run]]:
-    """The paper grids from ``maskconnect.grid``, one :class:`Run` per config with its seed count.
+    """The paper grids from ``maskconnect.experiments``, one :class:`Run` per config with its seed count.
     Raises ImportError where pyyaml/jsonschema (or the module) are missing."""
-    from maskconnect.grid import load_grid
+    from maskconnect.experiments import load_grid
 
     grids = {}
     for name in GRID_NAMES:
@@ -105,9 +105,9 @@ def suite_grids() -> dict[str, list[Run]]:
 def load_grids() -> tuple[dict[str, list[Run]], str]:
     """The grids to project, and where they came from."""
     try:
-        return suite_grids(), "maskconnect.grid (src/maskconnect/grids/*.yaml)"
+        return suite_grids(), "maskconnect.experiments (src/maskconnect/grids/*.yaml)"
     except Exception as e:  # noqa: BLE001 - any failure (missing yaml, a grid file being edited): use the copy
-        return BUILTIN_GRIDS, f"bench's built-in copy (maskconnect.grid unavailable: {type(e).__name__}: {e})"
+        return BUILTIN_GRIDS, f"bench's built-in copy (maskconnect.experiments unavailable: {type(e).__name__}: {e})"
 
 
 

@@ -225,11 +225,11 @@ def test_grid_training_flops():
 
 
 def test_builtin_grids_equal_the_suite_grids():
-    """The benchmarks' fallback copy of the paper grids must not drift from maskconnect.grid."""
+    """The benchmarks' fallback copy of the paper grids must not drift from maskconnect.experiments."""
     try:
         suite = suite_grids()
     except ImportError as e:  # pyyaml / jsonschema missing: nothing to compare with
-        pytest.skip(f"maskconnect.grid unavailable: {e}")
+        pytest.skip(f"maskconnect.experiments unavailable: {e}")
     for name, runs in BUILTIN_GRIDS.items():
         assert sorted(map(repr, runs)) == sorted(map(repr, suite[name])), name
 

@@ -346,7 +346,7 @@ def test_every_recipe_names_a_rule_and_the_config_takes_it():
 
 
 def test_a_grid_passes_its_rule_to_train_and_rejects_an_unknown_one(tmp_path):
-    from maskconnect import grid as G
+    from maskconnect import experiments as G
     from maskconnect.cli import build_parser
 
     text = """\
@@ -371,7 +371,7 @@ def test_the_rule_names_in_the_grid_schema_and_recipes_are_the_code_s():
     # the grid schema (jsonschema, checked before any job) and the recipes spell the rules out;
     # they must stay the rules connectivity.py implements, and the recipes use the library default
     from maskconnect.connectivity import DEFAULT_MASK_RULE
-    from maskconnect.grid import SCHEMA_PATH
+    from maskconnect.experiments import SCHEMA_PATH
     from maskconnect.recipes import RECIPES
 
     schema = json.loads(SCHEMA_PATH.read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from maskconnect import grid as G
+from maskconnect import experiments as G
 from maskconnect.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,9 +166,13 @@ def test_run_id_and_run_dir_are_the_one_spelling():
     assert G.run_dir("cifar100", {"dataset": "cifar100", "arch": "29,8,8", "connectivity": "random",
                                   "fan_in": 4, "seed": 1}) == "results/runs/cifar100/cifar100/29-8-8/random-K4/seed1"
     assert re.fullmatch(G.RUN_ID_REGEX, run.run_id)
-    from maskconnect.report.runs import run_id_of  # the report spells missing runs the same way
+    # the run id's one parser reads back what run_id writes
+    assert G.parse_run_id(run.run_id) == {"dataset": run.dataset, "arch": run.arch, "connectivity": run.connectivity,
+                                          "fan_in": run.fan_in, "seed": run.seed}
+    from maskconnect.report import claims, tables  # the report spells missing runs the same way
 
-    assert run_id_of("cifar100", "29,8,8", "learned", 4, 0) == G.run_id("cifar100", "29,8,8", "learned", 4, 0)
+    assert tables.run_id is G.run_id and claims.run_id is G.run_id
+    assert tables.run_id("cifar100", "29,8,8", "learned", 4, 0) == G.run_id("cifar100", "29,8,8", "learned", 4, 0)
 
 
 def test_train_command_of_a_run():

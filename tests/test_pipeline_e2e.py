@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from maskconnect import grid as G
+from maskconnect import experiments as G
 from test_pipeline import BIN, dvc, fresh_checkout, job_counts, run, snakemake, tool_env
 
 pytestmark = pytest.mark.slow

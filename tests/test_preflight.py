@@ -213,7 +213,7 @@ def test_snakemake_runs_the_preflight_ahead_of_the_training_jobs_of_a_gpu_grid(c
 
 
 def test_paper_grids_dvc_yaml_has_a_preflight_stage_every_train_stage_depends_on():
-    from maskconnect import grid as G
+    from maskconnect import experiments as G
 
     for name in ("cifar100", "cifar10", "imagenet", "paper"):
         stages = G.dvc_stages(G.load_grid(name))

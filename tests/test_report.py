@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from maskconnect.errors import ConfigError
 from maskconnect.cli.report import add_report_arguments, run_report
+from maskconnect.errors import ConfigError
+from maskconnect.experiments import parse_run_id
 from maskconnect.report import build_report
 from maskconnect.report.claims import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, combine, evaluate
 from maskconnect.report.figures import live_branches
 from maskconnect.report.paper import load_reference, normalize_model, paper_stats
-from maskconnect.report.runs import missing_runs, parse_run_id, scan_runs
+from maskconnect.report.runs import missing_runs, scan_runs
 from maskconnect.report.stats import t_interval, welch
 from maskconnect.report.tables import PAPER_TABLES, build_tables, latex_table, markdown_document, summarize
 

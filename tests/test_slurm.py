@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from maskconnect import grid as G
+from maskconnect import experiments as G
 from test_pipeline import BIN, fresh_checkout, tool_env
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,5 @@
 # Configuration, the grid, and the helpers the rules share. Nothing here runs a job.
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from snakemake.utils import validate
 # The grid logic comes from this checkout's package (src/), also where an older copy is installed.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from maskconnect import grid as G  # noqa: E402
+from maskconnect import experiments as G  # noqa: E402
 from maskconnect import slurm as S  # noqa: E402
 from maskconnect.errors import ConfigError  # noqa: E402
 
@@ -29,7 +28,7 @@ try:
 except ConfigError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
-# (grid, run id) -> maskconnect.grid.Run
+# (grid, run id) -> maskconnect.experiments.Run
 RUNS = {(r.grid, r.run_id): r for r in GRID.runs}
 ENV = "../envs/maskconnect.yaml"
 

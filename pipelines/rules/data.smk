@@ -5,9 +5,11 @@
 rule prepare_data:
     output:
         G.data_marker("{dataset}"),
+    params:
+        cmd=lambda w: G.prepare_command(w.dataset),
     log:
         G.log_file("data", "prepare_data", "{dataset}"),
     conda:
         ENV
     shell:
-        "maskconnect prepare-data --dataset {wildcards.dataset} --marker {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

@@ -9,9 +9,7 @@ rule evaluate:
     output:
         run_file("eval.json"),
     params:
-        launcher=lambda w: G.launcher(min(run_of(w).gpus, 1)),
-        run=lambda w: run_of(w).run_dir,
-        device=lambda w: run_of(w).device,
+        cmd=lambda w: G.evaluate_command(run_of(w)),
         attempts=lambda w: attempts_log("evaluate", w),
     threads: lambda w: run_of(w).threads
     resources:
@@ -24,4 +22,4 @@ rule evaluate:
     conda:
         ENV
     shell:
-        "{params.launcher}maskconnect evaluate --run {params.run} --device {params.device} 2>&1 | tee -a {params.attempts} > {log}"
+        "{params.cmd} 2>&1 | tee -a {params.attempts} > {log}"

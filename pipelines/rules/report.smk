@@ -11,14 +11,13 @@ rule aggregate:
         expected=G.expected_file("{grid}"),
         summary=directory(G.summary_dir("{grid}")),
     params:
-        grid=lambda w: GRID.ref if w.grid == GRID.name else w.grid,
+        cmd=lambda w: G.aggregate_command(GRID, w.grid),
     log:
         G.log_file("{grid}", "aggregate"),
     conda:
         ENV
     shell:
-        "maskconnect grid collect --grid {params.grid} --out {output.metrics} --expected-out {output.expected} "
-        "--summary-dir {output.summary} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"
 
 
 rule report:
@@ -41,9 +40,11 @@ rule report:
             subcategory=report_subcategory,
             labels=report_labels,
         ),
+    params:
+        cmd=lambda w: G.report_command(w.grid),
     log:
         G.log_file("{grid}", "report"),
     conda:
         ENV
     shell:
-        "maskconnect report --results results --out {output} --grid {wildcards.grid} --expected {input.expected} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

@@ -9,13 +9,13 @@ rule tracking_init:
     output:
         G.tracking_marker(),
     params:
-        dir=lambda w, output: os.path.dirname(output[0]),
+        cmd=G.tracking_init_command(),
     log:
         G.log_file("tracking", "tracking_init"),
     conda:
         ENV
     shell:
-        "mkdir -p {params.dir} && maskconnect track init > {output} 2> {log}"
+        "{params.cmd} 2> {log}"
 
 
 rule tracking_sync:
@@ -25,14 +25,13 @@ rule tracking_sync:
     output:
         G.sync_marker("{grid}"),
     params:
-        dirs=lambda w: [r.run_dir for r in GRID.runs_of(w.grid)],
-        dir=lambda w, output: os.path.dirname(output[0]),
+        cmd=lambda w: G.tracking_sync_command(GRID, w.grid),
     log:
         G.log_file("{grid}", "tracking_sync"),
     conda:
         ENV
     shell:
-        "mkdir -p {params.dir} && maskconnect track sync {params.dirs} > {output} 2> {log}"
+        "{params.cmd} 2> {log}"
 
 
 rule tracking_report:
@@ -41,9 +40,11 @@ rule tracking_report:
         synced=G.sync_marker("{grid}"),
     output:
         G.report_marker("{grid}"),
+    params:
+        cmd=lambda w: G.tracking_report_command(w.grid),
     log:
         G.log_file("{grid}", "tracking_report"),
     conda:
         ENV
     shell:
-        "maskconnect track log-report --report-dir {input.tables} --marker {output} > {log} 2>&1"
+        "{params.cmd} > {log} 2>&1"

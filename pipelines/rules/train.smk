@@ -21,9 +21,7 @@ rule train:
     output:
         run_file("metrics.json"),
     params:
-        launcher=lambda w: G.launcher(run_of(w).gpus),
-        args=lambda w: run_of(w).train_args(),
-        out=lambda w: run_of(w).run_dir,
+        cmd=lambda w: G.train_command(run_of(w)),
         attempts=lambda w: attempts_log("train", w),
     threads: lambda w: run_of(w).threads
     resources:
@@ -38,4 +36,4 @@ rule train:
     conda:
         ENV
     shell:
-        "{params.launcher}maskconnect train {params.args:q} --out {params.out} --replace --progress lines 2>&1 | tee -a {params.attempts} > {log}"
+        "{params.cmd} 2>&1 | tee -a {params.attempts} > {log}"

@@ -1,6 +1,7 @@
 """``maskconnect grid``: list a grid's runs, check grid files, generate dvc.yaml, aggregate metrics.
 
-The logic lives in :mod:`maskconnect.grid` (which the Snakefile imports); this is its command line.
+The logic lives in :mod:`maskconnect.experiments` (which the Snakefile imports) and the aggregation in
+:mod:`maskconnect.report.aggregate`; this is their command line.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import json
 import sys
 
-from ..grid import DEFAULT_GRID, available_grids, collect, dvc_yaml, load_grid
+from ..experiments import DEFAULT_GRID, available_grids, dvc_yaml, load_grid
 
 
 def _cmd_list(args) -> int:
@@ -50,6 +51,7 @@ def _cmd_dvc(args) -> int:
 
 def _cmd_collect(args) -> int:
     from ..io import atomic_write_json, atomic_write_text
+    from ..report.aggregate import collect
 
     grid = load_grid(args.grid)
     result = collect(grid)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import grid as G
+from .. import experiments as G
 from ..errors import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..specs import ModelSpec

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..experiments import run_id
 from .dynamics import dynamics_markdown
 from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_datasets, paper_stage_width, paper_stats
-from .runs import KEY, run_id_of
+from .runs import KEY
 from .stats import ALPHA, WelchResult, t_interval, welch
 from .tables import markdown_document
 
@@ -369,7 +370,7 @@ def report_document(*, source: str, n_runs: int, grids: dict, skipped: list, mis
                 lines += [f"**{caption}**", "", f"![{caption}]({png})", ""]
     if missing is not None and len(missing):
         lines += ["## Missing runs", "", f"{len(missing)} expected runs have no complete run:", ""]
-        lines += [f"- `{run_id_of(*r)}`" for r in missing[KEY].itertuples(index=False, name=None)]
+        lines += [f"- `{run_id(*r)}`" for r in missing[KEY].itertuples(index=False, name=None)]
         lines.append("")
     if skipped:
         lines += ["## Run directories left out", ""]

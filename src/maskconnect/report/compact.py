@@ -14,7 +14,7 @@ import csv
 import io
 from pathlib import Path
 
-from .. import grid as G
+from .. import experiments as G
 from ..io import atomic_write_json, atomic_write_text
 from .stats import t_interval
 
@@ -24,7 +24,7 @@ def _millions(x) -> float | None:
 
 
 def config_summary(collected: dict) -> dict[str, dict]:
-    """configuration -> {top1, ci95, n, params_train_M, params_test_M} from ``grid.collect``'s result."""
+    """configuration -> {top1, ci95, n, params_train_M, params_test_M} from :func:`.aggregate.collect`'s result."""
     out = {}
     for config, c in collected["configs"].items():
         top1 = [r["top1"] for rid, r in collected["runs"].items()
@@ -40,7 +40,7 @@ def config_summary(collected: dict) -> dict[str, dict]:
 
 def write_summary(grid: G.Grid, part: str, collected: dict, out_dir: str | Path) -> list[Path]:
     """Write the per-configuration metrics files and the K-effect CSVs of ``part`` into ``out_dir``
-    (the names of ``grid.config_metrics_file`` / ``grid.keffect_file``, relative to it). Every file the
+    (the names of ``experiments.config_metrics_file`` / ``experiments.keffect_file``, relative to it). Every file the
     grid declares is written: a configuration with no complete run yet gets nulls (n = 0), a K with
     no run yet is left out of its series."""
     out_dir = Path(out_dir)

@@ -7,12 +7,14 @@ stat). This module only reads that file; it never restates a number.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
 import pandas as pd
+
+from ..errors import ConfigError
+from ..specs import parse_arch
 
 # Which source wins when the same (dataset, model, connectivity, K, metric) appears in several places:
 # the tables (4 runs, best/mean/std) before the Fig. 3 values read off a bar chart.
@@ -22,22 +24,23 @@ CONNECTIVITY_NAMES = {"full": "Fixed-Full", "random": "Fixed-Random", "learned":
 
 
 def normalize_model(model) -> str:
-    """"29,8,8", "29-8-8", "{29,8,8}", (29, 8, 8) -> "29,8,8"; names such as "resnet38" pass through."""
+    """"29,8,8", "29-8-8", "{29,8,8}", (29, 8, 8) -> "29,8,8" (read by :func:`maskconnect.specs.parse_arch`);
+    names such as "resnet38" pass through."""
+    try:
+        return ",".join(str(x) for x in parse_arch(model))
+    except ConfigError:
+        pass
     if isinstance(model, (tuple, list)):
         return ",".join(str(int(x)) for x in model)
-    text = str(model).strip().strip("{}").replace(" ", "")
-    if re.fullmatch(r"\d+([,\-x]\d+){2}", text):
-        return ",".join(re.split(r"[,\-x]", text))
-    return text
+    return str(model).strip().strip("{}").replace(" ", "")
 
 
 def model_parts(model) -> tuple[int, int, int] | None:
     """(D, w, C) of a "D,w,C" model, None for a named model."""
-    text = normalize_model(model)
-    if re.fullmatch(r"\d+,\d+,\d+", text):
-        d, w, c = (int(x) for x in text.split(","))
-        return d, w, c
-    return None
+    try:
+        return parse_arch(normalize_model(model))
+    except ConfigError:
+        return None
 
 
 def model_label(model) -> str:

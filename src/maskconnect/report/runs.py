@@ -7,13 +7,13 @@ is the only source the report reads for numbers (history.csv and masks.json feed
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pandas as pd
 
+from ..experiments.paths import RUN_ID_PARTS, parse_run_id
 from .paper import model_parts, normalize_model
 
 # Columns of the runs table, in order. Accuracies in %, parameters and FLOPs as counts.
@@ -23,9 +23,8 @@ RUN_COLUMNS = [
     "flops", "epochs", "wall_time_s", "device", "run_id", "path",
 ]
 KEY = ["dataset", "arch", "connectivity", "fan_in", "seed"]
-# A run id has four parts, dataset/arch/connectivity-K/seedN (maskconnect.grid.run_id); whatever
-# lies above them under the scanned folder is the grid's name.
-RUN_ID_PARTS = 4
+# A run id has RUN_ID_PARTS parts, dataset/arch/connectivity-K/seedN (maskconnect.experiments.run_id);
+# whatever lies above them under the scanned folder is the grid's name.
 
 
 @dataclass(frozen=True)
@@ -124,33 +123,6 @@ def collect_runs(results_dir, grid: str | None = None) -> pd.DataFrame:
 
 # ---- expected runs (a grid's target list) -----------------------------------------------------------
 
-_CONN_RE = re.compile(r"^(full|random|learned)(?:-K(\d+))?$")
-
-
-def parse_run_id(run_id: str) -> dict:
-    """"cifar100/29-8-8/learned-K4/seed0" -> {dataset, arch, connectivity, fan_in, seed}.
-
-    Only the last four parts are read, so a path with the grid in front works too.
-    """
-    parts = str(run_id).strip("/").split("/")
-    if len(parts) < RUN_ID_PARTS:
-        raise ValueError(f"invalid run id {run_id!r}: expected dataset/D-w-C/connectivity-K<k>/seed<n>")
-    dataset, arch, conn, seed = parts[-RUN_ID_PARTS:]
-    m = _CONN_RE.match(conn)
-    s = re.fullmatch(r"seed(\d+)", seed)
-    if not m or not s:
-        raise ValueError(f"invalid run id {run_id!r}: expected dataset/D-w-C/connectivity-K<k>/seed<n>")
-    arch = normalize_model(arch)
-    fan_in = m.group(2)
-    if fan_in is None:
-        parts3 = model_parts(arch)
-        if m.group(1) != "full" or parts3 is None:
-            raise ValueError(f"invalid run id {run_id!r}: connectivity {conn!r} needs -K<k>")
-        fan_in = parts3[2]
-    return {"dataset": dataset, "arch": arch, "connectivity": m.group(1), "fan_in": int(fan_in),
-            "seed": int(s.group(1))}
-
-
 def expected_keys(expected: Iterable) -> list[tuple]:
     """Run keys (dataset, arch, connectivity, fan_in, seed) from run ids or mappings with those keys."""
     keys = []
@@ -174,9 +146,3 @@ def missing_runs(runs: pd.DataFrame, expected: Iterable) -> pd.DataFrame:
     have = set(map(tuple, runs[KEY].itertuples(index=False, name=None))) if len(runs) else set()
     miss = [k for k in dict.fromkeys(expected_keys(expected)) if k not in have]
     return pd.DataFrame(miss, columns=KEY)
-
-
-def run_id_of(dataset: str, arch: str, connectivity: str, fan_in: int, seed: int) -> str:
-    """A run's id in the spelling of docs/run_format.md, used only in messages about missing runs.
-    (maskconnect.grid.run_id is the authority for paths; the report never builds paths from ids.)"""
-    return f"{dataset}/{normalize_model(arch).replace(',', '-')}/{connectivity}-K{fan_in}/seed{seed}"

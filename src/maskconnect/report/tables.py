@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..experiments import run_id
 from ..io import atomic_write_text
 from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_configs, paper_stats
-from .runs import KEY, run_id_of
+from .runs import KEY
 from .stats import t_interval, welch
 
 GROUP = ["dataset", "arch", "connectivity", "fan_in"]
@@ -255,7 +256,7 @@ def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame
             mm = mm[mm["arch"].isin(models)]
         mm = mm[~mm["arch"].isin(exclude_models)]
         if len(mm):
-            ids = [run_id_of(*r) for r in mm[KEY].itertuples(index=False, name=None)]
+            ids = [run_id(*r) for r in mm[KEY].itertuples(index=False, name=None)]
             notes.append(f"Missing runs ({len(ids)} expected, not complete): " + ", ".join(ids) + ".")
     if sel.empty and not notes:
         return None
