@@ -88,7 +88,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
 def _context(args):
     import torch
 
-    from maskconnect.engine import resolve_device
+    from maskconnect.training.device import resolve_device
 
     from .common import make_context
 
@@ -96,7 +96,7 @@ def _context(args):
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cpu":
-        from maskconnect.engine import tune_cpu_allocator
+        from maskconnect.training.device import tune_cpu_allocator
 
         tune_cpu_allocator()  # as training does (maskconnect/engine.py)
     return make_context(device, quick=args.quick, steps=args.steps, warmup=args.warmup, batch=args.batch,

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from maskconnect.engine import Precision
+from maskconnect.training.step import Precision
 from maskconnect.io import atomic_write_json
 from maskconnect.provenance import device_kind, device_name, environment  # noqa: F401 (re-exported)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from maskconnect.connectivity import freeze_masks
-from maskconnect.engine import Precision
+from maskconnect.training.step import Precision
 from maskconnect.models import build_model
 from maskconnect.pruning import prune
 

@@ -18,7 +18,7 @@ import torch
 from maskconnect.data import DATASETS, batch_bounds, build_data
 from maskconnect.data.sources import CIFAR_STATS
 from maskconnect.data.tensor import TensorDataBundle
-from maskconnect.engine import train_step
+from maskconnect.training.step import train_step
 from maskconnect.errors import MaskConnectError
 from maskconnect.models import build_model
 

@@ -158,7 +158,7 @@ def run_planted(r: PlantedRun) -> dict:
 
     from maskconnect.connectivity import freeze_masks, mask_banks, mask_rule, mask_stats, param_groups
     from maskconnect.data import build_data
-    from maskconnect.engine import Precision, evaluate, train_step
+    from maskconnect.training.step import Precision, evaluate, train_step
     from maskconnect.models import build_model
     from maskconnect.specs import make_spec
 
@@ -219,7 +219,7 @@ class ScheduleRun:
 
 
 def run_schedule(r: ScheduleRun) -> dict:
-    from maskconnect.train import TrainConfig, train
+    from maskconnect.training import TrainConfig, train
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

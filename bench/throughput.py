@@ -95,7 +95,7 @@ def run(ctx: Context) -> Path:
                       config={"cifar_archs": list(archs), "kinds": ["full", "random K=4", "learned K=4"],
                               "imagenet": [c.label for c in inet], "imagenet_warmup": iw, "imagenet_repeats": ir,
                               "optimizer": "SGD lr 0.1 momentum 0.9 (weight decay 5e-4 CIFAR, 1e-4 ImageNet)",
-                              "step": "maskconnect.engine.train_step on one fixed random batch",
+                              "step": "maskconnect.training.step.train_step on one fixed random batch",
                               "peak_tflops": peak, "peak_source": peak_src},
                       results=results, goals=goals,
                       notes=notes + ["throughput_vs_first: images/s relative to the first workload of the group (full)",

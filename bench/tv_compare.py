@@ -54,7 +54,7 @@ def run(ctx: Context) -> Path:
                   value=ratio, threshold=GOAL_RATIO, ctx=ctx, measured_on=f"batch {batch}, {image}x{image} inputs",
                   valid=not ctx.quick, why_not=None if not ctx.quick else "--quick uses 32x32 inputs")]
     rec = make_record(ctx, "torchvision", batch=batch, warmup=warmup, repeats=repeats,
-                      config={"image_size": image, "step": "maskconnect.engine.train_step, SGD lr 0.1 momentum 0.9 wd 1e-4",
+                      config={"image_size": image, "step": "maskconnect.training.step.train_step, SGD lr 0.1 momentum 0.9 wd 1e-4",
                               "weights_check_max_abs_diff_fp32": diff},
                       results=results, goals=goals,
                       notes=["weights_check: torchvision's state dict loads strictly into ours and the fp32 eval "

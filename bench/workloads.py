@@ -1,5 +1,5 @@
 """Building what the benchmarks time: models from {D,w,C} + connectivity, the training step of
-``maskconnect.engine`` on a fixed random batch, FLOP counts, and the largest batch that fits."""
+``maskconnect.training.step`` on a fixed random batch, FLOP counts, and the largest batch that fits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from maskconnect.connectivity import param_groups
 from maskconnect.describe import count_flops
-from maskconnect.engine import train_step
+from maskconnect.training.step import train_step
 from maskconnect.models import build_model
 from maskconnect.specs import ModelSpec, make_spec
 
@@ -73,7 +73,7 @@ def sgd(model: nn.Module, layout: str) -> torch.optim.Optimizer:
 
 def train_workload_for_model(name: str, model: nn.Module, spec: ModelSpec, batch: int, ctx: Context,
                              info: dict | None = None, seed: int = 0) -> Workload:
-    """The training step of ``maskconnect.engine`` (forward, backward, SGD step, mask clip) on one
+    """The training step of ``maskconnect.training.step`` (forward, backward, SGD step, mask clip) on one
     fixed random batch. ``model`` is moved to the device in the context's layout."""
     model = ctx.precision.prepare_model(model).train()
     opt = sgd(model, spec.layout)

@@ -252,7 +252,7 @@ def test_summary_statistics_match_numpy():
 
 
 def test_goal_verdicts_and_their_device():
-    from maskconnect.engine import Precision
+    from maskconnect.training.step import Precision
 
     gpu = Context(torch.device("cuda"), Precision(torch.device("cuda")), env={"device_name": "test GPU"})
     cpu = Context(torch.device("cpu"), Precision(torch.device("cpu")), env={"device_name": "test CPU"})

@@ -18,7 +18,7 @@ import torch
 
 from maskconnect.connectivity import param_groups
 from maskconnect.data import build_data
-from maskconnect.engine import Precision, evaluate, train_step
+from maskconnect.training.step import Precision, evaluate, train_step
 from maskconnect.models import MaskedBlock, build_model
 from maskconnect.specs import make_spec
 from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, run_step

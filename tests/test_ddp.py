@@ -111,7 +111,7 @@ def test_shards_split_every_global_batch_exactly(recorded):
 def test_lr_with_explicit_batch_size_follows_the_documented_rule(recorded):
     """README: --batch-size is per process; lr x global_batch / lr_reference_batch, the reference
     being the recipe's batch (demo: LR 0.1 for 64 images)."""
-    from maskconnect.recipes import RECIPES
+    from maskconnect.training.schedule import RECIPES
 
     run, rec = recorded
     demo = RECIPES["demo"]

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from maskconnect.cli import main
-from maskconnect.config import identity_of
+from maskconnect.training.config import identity_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -348,7 +348,7 @@ def test_grid_checks_stay_torch_free_and_use_the_training_rules():
     code = ("import sys; from maskconnect.experiments import load_grid; load_grid('paper'); load_grid('demo'); "
             "print('torch' in sys.modules)")
     assert _run([sys.executable, "-c", code]).stdout.strip() == "False"
-    from maskconnect.config import MASK_RULE_NAMES
+    from maskconnect.training.config import MASK_RULE_NAMES
     from maskconnect.connectivity import MASK_RULES
 
     assert MASK_RULE_NAMES == tuple(MASK_RULES)

@@ -22,7 +22,7 @@ import torch
 
 from maskconnect import models
 from maskconnect.connectivity import mask_banks, param_groups
-from maskconnect.engine import Precision, train_step
+from maskconnect.training.step import Precision, train_step
 from maskconnect.models import MaskedBlock, MaskedResNeXt, build_model
 from maskconnect.specs import make_spec
 from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, run_step

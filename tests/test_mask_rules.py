@@ -107,7 +107,7 @@ def test_centred_rule_centres_the_gradient_before_the_optimiser_step():
     """Through the training step itself: under `centred` a step moves no row sum (entries away from
     the bounds, plain SGD); under `clip` the same step does (the gradient's common mode)."""
     from maskconnect.connectivity import param_groups
-    from maskconnect.engine import Precision, train_step
+    from maskconnect.training.step import Precision, train_step
 
     sums = {}
     for name in ("centred", "clip"):
@@ -334,8 +334,8 @@ def test_mask_columns_reach_mlflow(tmp_path):
 # ---- the rule in recipes and grids ------------------------------------------------------------------
 
 def test_every_recipe_names_a_rule_and_the_config_takes_it():
-    from maskconnect.recipes import RECIPES
-    from maskconnect.train import TrainConfig
+    from maskconnect.training.config import TrainConfig
+    from maskconnect.training.schedule import RECIPES
 
     for name, recipe in RECIPES.items():
         assert recipe["mask_rule"] in MASK_RULES, name
@@ -372,7 +372,7 @@ def test_the_rule_names_in_the_grid_schema_and_recipes_are_the_code_s():
     # they must stay the rules connectivity.py implements, and the recipes use the library default
     from maskconnect.connectivity import DEFAULT_MASK_RULE
     from maskconnect.experiments import SCHEMA_PATH
-    from maskconnect.recipes import RECIPES
+    from maskconnect.training.schedule import RECIPES
 
     schema = json.loads(SCHEMA_PATH.read_text())
     enum = schema["$defs"]["settings"]["properties"]["train"]["properties"]["mask_rule"]["enum"]

@@ -31,7 +31,7 @@ from scipy import stats
 
 from maskconnect.cli import main
 from maskconnect.connectivity import mask_banks, param_groups
-from maskconnect.engine import Precision, train_step
+from maskconnect.training.step import Precision, train_step
 from maskconnect.models import build_model
 from maskconnect.specs import make_spec
 
@@ -166,7 +166,7 @@ def test_digits_run_under_bf16_channels_last_trains_records_and_prunes(tmp_path)
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                     reason="torch.compile (inductor) needs a C++ compiler on a CPU")
 def test_compiled_training_under_bf16_channels_last(tmp_path):
-    from maskconnect.train import TrainConfig, train
+    from maskconnect.training import TrainConfig, train
 
     torch._dynamo.reset()
     try:

@@ -173,7 +173,7 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys):
 def test_fp32_bound_is_calibrated_but_still_tight():
     """On a model whose gradients are well-conditioned the fp32 bound stays at 1e-4; the bf16 bound is
     wider, and a 1.5x gradient is far outside both."""
-    from maskconnect.engine import Precision
+    from maskconnect.training.step import Precision
     from maskconnect.specs import make_spec
 
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def test_a_failed_preflight_stops_the_pipeline_before_any_training(checkout):
 @pytest.mark.slow
 @pytest.mark.skipif(__import__("shutil").which("c++") is None, reason="torch.compile (inductor) needs a C++ compiler on a CPU")
 def test_compile_check_passes_on_inductor_and_fails_when_the_compiled_graph_differs(monkeypatch):
-    from maskconnect.engine import Precision
+    from maskconnect.training.step import Precision
     from maskconnect.specs import make_spec
 
     torch.manual_seed(0)

@@ -220,7 +220,7 @@ def test_torchrun_two_processes_cpu(tmp_path):
 
 
 def test_masks_freeze_at_the_first_lr_drop_whatever_the_order(tmp_path):
-    from maskconnect.train import TrainConfig
+    from maskconnect.training.config import TrainConfig
 
     c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=10, milestones=[8, 3]).resolved()
     assert c.milestones == [3, 8] and c.freeze_epoch == 3
@@ -237,7 +237,7 @@ def test_run_files_are_readable_by_others(tmp_path):
 
 _FAULTS = r"""
 import resource, sys, torch
-from maskconnect.engine import tune_cpu_allocator
+from maskconnect.training.device import tune_cpu_allocator
 done = tune_cpu_allocator() if sys.argv[1] == "tune" else None
 torch.empty(16 << 20).fill_(1.0)  # 64 MiB, like a {29,64,8} branch-stacked tensor at batch 8
 for _ in range(8):  # settle

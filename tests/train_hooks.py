@@ -26,7 +26,7 @@ def _digest(t) -> str:
 
 
 def _install_recorder(directory: Path) -> None:
-    import maskconnect.train as T
+    import maskconnect.training.loop as T
     from maskconnect.connectivity import mask_banks
 
     rank = T.Distributed.from_env().rank
@@ -54,16 +54,16 @@ def _sync_before_kill(epoch: int) -> None:
     the end of the kill epoch), or their exit could make torchrun stop rank 0 before it has written."""
     import torch.distributed as dist
 
-    import maskconnect.train as T
+    from maskconnect.training.progress import Progress
 
-    end_epoch = T._Progress.end_epoch
+    end_epoch = Progress.end_epoch
 
     def end_epoch_then_sync(self, row, eta_s):
         end_epoch(self, row, eta_s)
         if row["epoch"] == epoch and dist.is_available() and dist.is_initialized():
             dist.barrier()
 
-    T._Progress.end_epoch = end_epoch_then_sync
+    Progress.end_epoch = end_epoch_then_sync
 
 
 def main(argv: list[str]) -> int:
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     if ours.kill_after is not None:
         _sync_before_kill(ours.kill_after)
     from maskconnect.cli import build_parser
-    from maskconnect.train import config_from_args, train
+    from maskconnect.training import config_from_args, train
 
     args = build_parser().parse_args(["train", *argv[split + 1:]])
     train(config_from_args(args), replace=args.replace, kill_after_epoch=ours.kill_after)

@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 def _cmd_evaluate(args) -> int:
     from ..io import atomic_write_json, check_output_file
-    from ..train_cli import evaluate_run
+    from ..training.evaluation import evaluate_run
 
     run = Path(args.run)
     if not run.is_dir():

@@ -14,7 +14,7 @@ def one_line_warnings(command: str):
     import logging
     import warnings
 
-    from ..runlock import RunLockWarning
+    from ..training.lock import RunLockWarning
     from ..tracking import TrackingWarning
 
     shown = warnings.showwarning

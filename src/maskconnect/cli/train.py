@@ -21,7 +21,8 @@ def register(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from ..train import config_from_args, train
+    from ..training.config import config_from_args
+    from ..training.loop import train
     from .messages import one_line_warnings
 
     with one_line_warnings("train"):

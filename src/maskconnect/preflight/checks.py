@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..engine import Precision
+from ..training.step import Precision
 from . import cost as C
 from . import datapath, steps
 from .steps import Path

@@ -24,7 +24,7 @@ import torch
 
 from ..connectivity import param_groups
 from ..describe import saved_bytes
-from ..engine import Precision, train_step
+from ..training.step import Precision, train_step
 from ..models import build_model
 
 # Training-set and test-set sizes (images) by dataset, for the projection.

@@ -102,7 +102,7 @@ def _free_port() -> int:
 
 def _ddp_worker(rank: int, world: int, backend: str, device_type: str, port: int, out_dir: str, spec_kw: dict) -> None:
     from ..connectivity import param_groups
-    from ..engine import Precision, train_step
+    from ..training.step import Precision, train_step
     from ..models import build_model
     from ..specs import make_spec
 

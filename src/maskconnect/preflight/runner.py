@@ -64,7 +64,7 @@ class Preflight:
 
 def plan_runs(grid: G.Grid) -> list[RunPlan]:
     """Every run of ``grid`` with its resolved model, batch, epochs and precision settings."""
-    from ..config import TrainConfig
+    from ..training.config import TrainConfig
 
     plans = []
     for run in grid.runs:
@@ -112,7 +112,7 @@ def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if dev.type == "cpu":
-            from ..engine import tune_cpu_allocator
+            from ..training.device import tune_cpu_allocator
 
             tune_cpu_allocator()
         checks.correctness(pf, compile=compile)

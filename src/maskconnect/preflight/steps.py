@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import models
-from ..engine import Precision
+from ..training.step import Precision
 
 FP32_TOL = 1e-4
 FP32_FACTOR = 4.0

@@ -1,5 +1,6 @@
-"""A training run's configuration: :class:`TrainConfig`, its recipe defaults and every check of
-its fields (``TrainConfig.resolved``), and the command line's way to build one (:func:`config_from_args`).
+"""A training run's configuration: :class:`TrainConfig`, its recipe defaults (the schedule's rules
+live in :mod:`.schedule`) and every check of its fields (``TrainConfig.resolved``), and the command
+line's way to build one (:func:`config_from_args`).
 
 Torch-free: the grid loader (imported by the Snakefile and ``maskconnect grid check``) validates a
 grid's ``train:`` overrides with these same rules before any job starts.
@@ -12,9 +13,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import ConfigError
-from .recipes import RECIPES
-from .specs import ModelSpec, make_spec
+from ..errors import ConfigError
+from ..specs import ModelSpec, make_spec
+from .schedule import RECIPES, default_freeze_epoch, recipe_milestones
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_uri", "track", "compile", "progress"}
@@ -89,8 +90,7 @@ class TrainConfig:
         if c.mask_lr is not None and not _number(c.mask_lr, lo=0.0, open_lo=True):
             raise ConfigError("mask_lr", c.mask_lr, "a positive number (or omitted: the weight LR)")
         if c.milestones is None:
-            drops = {max(1, round(f * c.epochs)) for f in r["milestone_fracs"]}
-            c.milestones = sorted(m for m in drops if m < c.epochs)
+            c.milestones = recipe_milestones(c.recipe, c.epochs)
         if not isinstance(c.milestones, list) or not all(isinstance(m, int) and not isinstance(m, bool) for m in c.milestones):
             raise ConfigError("milestones", c.milestones, "a list of epochs, e.g. [150, 225]")
         c.milestones = sorted(c.milestones)
@@ -129,7 +129,7 @@ class TrainConfig:
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
         c.fan_in = spec.fan_in
         if c.freeze_epoch is None:
-            c.freeze_epoch = c.milestones[0] if c.milestones else c.epochs
+            c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs)
         if not (isinstance(c.freeze_epoch, int) and 0 <= c.freeze_epoch <= c.epochs):
             raise ConfigError("freeze_epoch", c.freeze_epoch, f"an epoch in 0..epochs={c.epochs} (masks are learned before it)")
         if c.progress not in ("auto", "bar", "lines", "none"):

@@ -1,4 +1,5 @@
-"""The training step and evaluation, shared by ``train``, ``evaluate`` and the benchmarks.
+"""The training step and evaluation, shared by the training loop, ``evaluate``, the preflight and the
+benchmarks; :class:`Precision` is how tensors flow on the device.
 
 Kept free of I/O, tracking and progress bars: it is the hot path. On CUDA the step runs under bf16
 autocast with channels_last tensors; nothing in it synchronises with the host (mask sampling stays on
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .connectivity import DEFAULT_MASK_RULE, MaskBank, MaskRule, mask_banks, mask_rule
+from ..connectivity import DEFAULT_MASK_RULE, MaskBank, MaskRule, mask_banks, mask_rule
 
 
 @dataclass
@@ -59,59 +60,6 @@ class Precision:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
-
-
-# glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap,
-# and the kernel zero-fills its pages on first touch; the heap is trimmed back to the OS above the trim
-# threshold. A masked model's branch-stacked tensors (C times a module's width: 64 MiB per tensor at
-# {29,64,8}, batch 8) are above it, so every one of them, forward and backward, pays page faults.
-# Raising both thresholds keeps freed blocks for reuse. Measured (one thread, {29,64,8} batch 8,
-# side by side in one process, 3 repeats): learned K=4 step 5.91 -> 4.36 s, Fixed-Full 3.10 -> 3.25 s
-# (noise), the learned / full time ratio 1.91 -> 1.34. torch's CPU performance guide recommends
-# jemalloc/tcmalloc by LD_PRELOAD for the same reason; this needs no extra library. The cost: freed
-# memory stays with the process, which holds its peak anyway while training.
-MMAP_THRESHOLD_BYTES = 1 << 30
-TRIM_THRESHOLD_BYTES = (1 << 31) - 1
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameter numbers (malloc.h)
-
-
-def tune_cpu_allocator() -> bool:
-    """Raise glibc's mmap and trim thresholds (see above) for this process; True if done.
-
-    A no-op (False) without glibc, when ``MASKCONNECT_TUNE_MALLOC=0``, or when the user set
-    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` themselves (theirs win).
-    """
-    import ctypes
-    import ctypes.util
-    import os
-    import sys
-
-    if (not sys.platform.startswith("linux") or os.environ.get("MASKCONNECT_TUNE_MALLOC", "1") == "0"
-            or "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    from .errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("device", name, "auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", name, "a CUDA device, but torch sees no GPU here (use --device cpu or auto)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("device", name, "auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,

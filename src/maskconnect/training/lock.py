@@ -31,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import RunDirError
+from ..errors import RunDirError
 
 LOCK_NAME = ".lock"
 # flock is refused by the file system (Lustre -o noflock: ENOSYS; some FUSE mounts: EOPNOTSUPP)

@@ -1,24 +1,28 @@
-"""Evaluating a finished run directory (:func:`evaluate_run`; ``maskconnect evaluate`` is
-:mod:`maskconnect.cli.evaluate`)."""
+"""Evaluating a finished run directory again (``maskconnect evaluate``): its final model with the
+frozen masks and its pruned model, on the test set."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import RunDirError
+from ..errors import RunDirError
 
 
 def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
+    """Top-1/top-5 of the run's model and of its pruned model, their parameters and FLOPs. Every file
+    is loaded before the data, so an unreadable one is named in seconds (:class:`RunDirError`)."""
     import torch
 
-    from .connectivity import count_weights
-    from .data import build_data
-    from .describe import count_flops
-    from .engine import Precision, evaluate, resolve_device
-    from .models import build_model
-    from .pruning import load_pruned
-    from .train import CHECKPOINT, TrainConfig
+    from ..connectivity import count_weights
+    from ..data import build_data
+    from ..describe import count_flops
+    from ..models import build_model
+    from ..pruning import load_pruned
+    from .config import TrainConfig
+    from .device import resolve_device
+    from .rundir import CHECKPOINT
+    from .step import Precision, evaluate
 
     run = Path(run)
     if not run.is_dir():

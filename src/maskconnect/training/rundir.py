@@ -1,0 +1,303 @@
+"""The run directory's files (docs/run_format.md): is this directory new, a run to resume, a finished
+run or someone else's (:func:`prepare_run_dir`); the checkpoint, written every epoch with the one
+before it kept, and loaded to resume; config.json, history.csv, masks.json and metrics.json.
+
+Only files here: what goes into them (freezing, pruning, FLOPs) is the loop's (:mod:`.loop`).
+Every file is written atomically (a temporary file renamed over the target).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..connectivity import live_branches
+from ..errors import RunDirError
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
+from ..provenance import git_commit, run_device, versions
+from ..specs import ModelSpec
+from .config import LEARNED_ONLY, TrainConfig, identity_of
+from .lock import RunLock
+
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"   # the checkpoint before the latest: what a run resumes from if the latest is unreadable
+METRICS = "metrics.json"
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "history", "best", "wall_time_s", "config")
+
+HISTORY_COLUMNS = ["epoch", "phase", "lr", "mask_lr", "train_loss", "train_top1", "test_loss", "test_top1",
+                   "test_top5", "mask_entropy", "mask_changed", "mask_mean", "mask_at_0", "mask_at_1", "mask_margin",
+                   "mask_ties", "epoch_time_s"]
+
+
+# --- what the directory holds --------------------------------------------------------------------
+
+def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | None = None) -> str:
+    """Check the output directory (under its lock, when given). Returns "new", "resume" or "complete".
+
+    A directory holding a different run's config is never overwritten: it is an error, or with
+    ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted. A run of the same
+    config whose files cannot be loaded (no readable checkpoint to resume from; a finished run whose
+    model, pruned model or masks are unreadable) is an error naming the file, or with ``replace`` it
+    is moved aside too.
+    """
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a run directory")
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        if out.exists() and any(p.name in (CHECKPOINT, PREVIOUS, METRICS) for p in out.iterdir()):
+            if replace:
+                _move_aside(out, "it holds run files but no config.json", lock)
+                return "new"
+            raise RunDirError(f"output directory {out} holds run files but no config.json; "
+                              "move it away, or pass --replace to move it aside")
+        return "new"
+    try:
+        old = json.loads(cfg_path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        if replace:
+            _move_aside(out, f"its config.json is unreadable ({e})", lock)
+            return "new"
+        raise RunDirError(f"{cfg_path} is unreadable ({e}); move the directory away or pass --replace") from None
+    new = cfg.identity()
+    old_id = identity_of(old)
+    diff = {k: (old_id.get(k), new.get(k)) for k in {**new, **old_id} if old_id.get(k) != new.get(k)}
+    if diff:
+        if not replace:
+            shown = [k for k in diff if k not in LEARNED_ONLY] or list(diff)  # learned-only fields follow connectivity
+            detail = ", ".join(f"{k}={diff[k][0]!r} there, {diff[k][1]!r} here" for k in shown[:4])
+            raise RunDirError(f"output directory {out} holds a different run ({detail}); "
+                              "choose another --out, or pass --replace to move the old run aside")
+        _move_aside(out, "it holds a different run", lock)
+        return "new"
+    state, problem = _inspect_run(out, cfg)
+    if problem:
+        if replace:
+            _move_aside(out, problem, lock)
+            return "new"
+        raise RunDirError(f"{problem}. Pass --replace to move this run aside and train it again")
+    return state
+
+
+def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
+    """The state of a directory holding this run: ("complete" | "resume" | "new", problem or None)."""
+    checkpoints = [p for p in (out / CHECKPOINT, out / PREVIOUS) if p.exists()]
+    metrics = out / METRICS
+    if metrics.exists():
+        try:
+            record = json.loads(metrics.read_text())
+            if not isinstance(record, dict) or record.get("status") != "complete" or "top1" not in record:
+                raise ValueError("not a complete run's record")
+        except (OSError, ValueError) as e:
+            if _checkpoint_problem(out / CHECKPOINT, cfg) is None:
+                print(f"{metrics} is unreadable ({e}): rebuilding it from {CHECKPOINT}", file=sys.stderr)
+                return "resume", None
+            return "complete", f"{metrics} is unreadable ({e}) and {out / CHECKPOINT} cannot rebuild it"
+        files = [out / CHECKPOINT] + ([out / "pruned.pt", out / "masks.json"] if cfg.connectivity != "full" else [])
+        for f in files:
+            problem = _file_problem(f, cfg)
+            if problem:
+                return "complete", (f"{out} is a finished run (metrics.json), but {f} cannot be loaded ({problem}): "
+                                    "its results cannot be evaluated")
+        return "complete", None
+    if not checkpoints:
+        return "new", None
+    problems = [f"{p.name}: {why}" for p in checkpoints if (why := _checkpoint_problem(p, cfg))]
+    if len(problems) == len(checkpoints):
+        missing = "" if len(checkpoints) == 2 else f"; {PREVIOUS if checkpoints[0].name == CHECKPOINT else CHECKPOINT} is missing"
+        return "resume", (f"cannot resume {out}: no checkpoint can be loaded ({'; '.join(problems)}{missing})")
+    return "resume", None
+
+
+def _file_problem(path: Path, cfg: TrainConfig) -> str | None:
+    if not path.exists():
+        return "missing"
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return str(e)
+        return None
+    return _checkpoint_problem(path, cfg) if path.name == CHECKPOINT else _torch_problem(path)
+
+
+def _torch_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read by torch.load (memory-mapped: the zip's directory is checked, the
+    tensors are not read), or None."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zips, bad pickles, I/O errors: torch raises many kinds
+        return short_error(e)
+    return None
+
+
+def _checkpoint_problem(path: Path, cfg: TrainConfig) -> str | None:
+    if not path.exists():
+        return "missing"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        return short_error(e)
+    if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
+        return "not a checkpoint of this version"
+    if identity_of(ck["config"]) != cfg.identity():
+        return "it belongs to a different run (its config differs from config.json)"
+    return None
+
+
+def short_error(e: BaseException) -> str:
+    """The first sentence of an error, with its type (torch's load errors run to several lines)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    text = f"{type(e).__name__}: {first}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _move_aside(out: Path, why: str, lock: RunLock | None) -> Path:
+    """Rename the run directory ``out`` to ``out.replaced-<time>`` (never deleted), then lock a fresh ``out``."""
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise RunDirError(f"--replace cannot move --out {out} aside: it is the current directory or holds it; "
+                          "give the run its own directory")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = target.with_name(f"{target.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = target.with_name(f"{target.name}.replaced-{stamp}-{n}")
+        n += 1
+    target.rename(aside)
+    print(f"moved the previous run in {out} to {aside} ({why})", file=sys.stderr)
+    if lock is not None:
+        old = RunLock(aside)
+        old.fd, lock.fd = lock.fd, None
+        lock.moved_to(out)
+        try:
+            lock.acquire()
+        finally:
+            old.release()
+    return aside
+
+
+# --- the checkpoint ------------------------------------------------------------------------------
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    """Write ``state`` as checkpoint.pt, keeping the one before as checkpoint.prev.pt."""
+    _rotate_checkpoint(out)  # the previous checkpoint stays, in case the latest cannot be read
+    atomic_torch_save(out / CHECKPOINT, state)
+
+
+def _rotate_checkpoint(out: Path) -> None:
+    """checkpoint.pt becomes checkpoint.prev.pt (atomically; checkpoint.pt stays until the new one replaces it)."""
+    latest, previous = out / CHECKPOINT, out / PREVIOUS
+    if not latest.exists():
+        return
+    tmp = out / f".{PREVIOUS}.{os.getpid()}.tmp"
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(latest, tmp)
+    except OSError:  # no hard links on this file system: move it (a crash now leaves only the previous one)
+        os.replace(latest, previous)
+        return
+    os.replace(tmp, previous)
+
+
+def load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[dict, Path]:
+    """The latest loadable checkpoint of ``out`` and its file; says so on stderr when it is the previous one."""
+    errors = []
+    for path in (out / CHECKPOINT, out / PREVIOUS):
+        if not path.exists():
+            errors.append(f"{path.name}: missing")
+            continue
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
+                raise ValueError("not a checkpoint of this version")
+            if identity_of(ck["config"]) != cfg.identity():
+                raise ValueError("it belongs to a different run")
+        except Exception as e:
+            errors.append(f"{path.name}: {short_error(e)}")
+            continue
+        if errors:
+            print(f"{out}: {errors[0]}; resuming from {path.name} (epoch {ck['epoch']}) instead", file=sys.stderr)
+        return ck, path
+    raise RunDirError(f"cannot resume {out}: no checkpoint can be loaded ({'; '.join(errors)}). "
+                      "Pass --replace to move this run aside and train it again")
+
+
+def rng_state(device: torch.device) -> dict:
+    """The torch RNG (it draws the masks) as the checkpoint keeps it."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --- the other files -----------------------------------------------------------------------------
+
+def write_config(out: Path, cfg: TrainConfig) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", asdict(cfg))
+
+
+def write_history(out: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in HISTORY_COLUMNS})
+    atomic_write_text(out / "history.csv", buf.getvalue())
+
+
+def write_masks(out: Path, spec: ModelSpec, bank) -> None:
+    """masks.json: the binary masks of every module, the real-valued ones (learned), the live branches."""
+    masks = bank.binary.detach().cpu()
+    atomic_write_json(out / "masks.json", {
+        "cardinality": spec.cardinality, "fan_in": spec.fan_in, "connectivity": spec.connectivity,
+        "modules": spec.num_modules, "masks": masks.int().tolist(),
+        "real": None if bank.real is None else [[[round(v, 6) for v in r] for r in m] for m in bank.real.detach().cpu().tolist()],
+        "live": [l.tolist() for l in live_branches(masks)],
+    })
+
+
+def read_metrics(out: Path) -> dict:
+    return json.loads((out / METRICS).read_text())
+
+
+def write_metrics(out: Path, cfg: TrainConfig, spec: ModelSpec, history: list[dict], best: dict, *, sizes: dict,
+                  wall: float, device: torch.device, precision: dict, mask_fields: dict) -> dict:
+    """metrics.json, the run's record, written last (its presence means the run is complete).
+
+    ``sizes``: params_train, params_test, masks, branches_test, flops, flops_test; ``precision``: the
+    autocast dtype and memory format; ``mask_fields``: the learned masks' final state (or nothing)."""
+    last = history[-1]
+    metrics = {
+        "status": "complete",
+        "dataset": cfg.dataset, "arch": spec.arch, "depth": spec.depth, "width": spec.width,
+        "cardinality": spec.cardinality, "stage_width": spec.stage_width, "connectivity": spec.connectivity,
+        "fan_in": spec.fan_in, "seed": cfg.seed, "top1": last["test_top1"], "top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
+        "best_epoch": best["epoch"], "test_loss": last["test_loss"],
+        **{k: sizes[k] for k in ("params_train", "params_test", "masks", "branches_test", "flops", "flops_test")},
+        "epochs": cfg.epochs, "wall_time_s": round(wall, 3), "device": run_device(device),
+        **precision, **mask_fields,
+        "config": asdict(cfg), "versions": versions(), "git_commit": git_commit(),
+    }
+    atomic_write_json(out / METRICS, metrics)
+    return metrics
