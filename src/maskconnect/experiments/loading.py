@@ -149,7 +149,7 @@ def _check_train(where: str, path: Path, run: "Run", overrides: Mapping) -> None
     import difflib
     from dataclasses import fields
 
-    from ..config import TrainConfig, config_from_args
+    from ..training.config import TrainConfig, config_from_args
 
     names = {f.name for f in fields(TrainConfig)}
     for key, value in overrides.items():

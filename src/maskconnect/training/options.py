@@ -21,7 +21,7 @@ def _bool(v: str) -> bool:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``maskconnect train``, the fields of :class:`TrainConfig` that
     :func:`~.config.config_from_args` reads."""
-    from ..recipes import RECIPES
+    from .schedule import RECIPES
 
     g = p.add_argument_group("model")
     g.add_argument("--dataset", required=True, help="digits, cifar10, cifar100, imagenet or synthetic")
