@@ -4,7 +4,7 @@ Not a registered benchmark: a one-off measurement whose result is recorded in be
 Forward of the mixing only (the backward is the same either way: a learned mask's straight-through
 gradient needs the dense product dL/dm = sum g y^T over every source, selected or not):
 
-* ``dense``: ``maskconnect.models.mix`` (bmm with a stride-0 mask, then ReLU);
+* ``dense``: ``maskconnect.kernels.mix`` (bmm with a stride-0 mask, then ReLU);
 * ``gather``: the K selected sources of each row (``topk`` of the mask: no host synchronisation),
   summed by K ``index_select`` + add passes, then ReLU.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from maskconnect.connectivity import random_masks
-from maskconnect.models import mix
+from maskconnect.kernels import mix
 
 # (label, batch, C, K, module width, H): the first mixing of {29,64,8} and of ImageNet {50,4,32}
 SHAPES = [("{29,64,8} stage 1, K=4", 8, 8, 4, 256, 32), ("{50,4,32} stage 1, K=16", 2, 32, 16, 256, 56),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import maskconnect.models as models
+from maskconnect import kernels
 from maskconnect.describe import count_flops, saved_bytes  # noqa: F401 (saved_bytes: re-exported)
 from maskconnect.models import build_model
 
@@ -78,12 +78,9 @@ def _measure(cfg: Config, batch: int, ctx: Context, save_memory: bool | None) ->
     # measured as it was before issue 12, with grouped convolutions: the CPU's batched-matmul form of the
     # grouped 1x1 convs would make autograd keep a per-image copy of their weights there.
     model_dev = model.to(ctx.device)
-    as_matmul = models.GROUPED_1X1_AS_MATMUL_ON_CPU
-    models.GROUPED_1X1_AS_MATMUL_ON_CPU = as_matmul and save_memory is not False
-    try:
+    as_matmul = kernels.current().grouped_1x1_as_matmul_on_cpu and save_memory is not False
+    with kernels.options(grouped_1x1_as_matmul_on_cpu=as_matmul):
         s = saved_bytes(model_dev, x_cpu.to(ctx.device))
-    finally:
-        models.GROUPED_1X1_AS_MATMUL_ON_CPU = as_matmul
     per_image = s["activations"] / batch
     row = {"name": cfg.label + ("" if save_memory is None else (" (saving path)" if save_memory else " (plain path)")),
            "label": cfg.label, "config": cfg.as_dict(), "path": None if save_memory is None else ("saving" if save_memory else "plain"),

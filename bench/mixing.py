@@ -8,10 +8,10 @@ real-valued mask), on the branch tensors of a real layer:
 * ``masked, matmul``: the shared BN over the (N*C, out, H, W) view, the identity share, then
   ``torch.matmul(mask, y)`` and ReLU -- the implementation before this benchmark existed (kept here as
   the reference: its backward copies y transposed);
-* ``masked, bmm``: the same with ``bmm`` and a stride-0 mask (``maskconnect.models.mix``, eager);
+* ``masked, bmm``: the same with ``bmm`` and a stride-0 mask (``maskconnect.kernels.mix``, eager);
 * ``masked, compiled bmm`` / ``masked, compiled fused``: under ``torch.compile``, the bmm form, and the
   broadcast-sum form that inductor fuses with the BN normalisation, identity share and ReLU into one
-  kernel (``FUSE_MIX_WHEN_COMPILING``, what a compiled model uses).
+  kernel (``kernels.options(fuse_mix_when_compiling=True)``, what a compiled model uses).
 
 Layers: {29,64,8} stage 1 (C=8, out=256, 32x32) at batch 128 (``--batch``), and ImageNet {50,4,32}
 stage 1 (C=32, out=256, 56x56) at batch 16 (``--imagenet-batch``); ``--quick``: a {20,4,8}-like layer (C=8, out=64, 32x32) at batch 8.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import maskconnect.models as models
+from maskconnect import kernels
 from maskconnect.connectivity import sample_masks, straight_through
 
 from .common import Context, finish, fmt_num, free_memory, make_record, measure, result_row, Workload
@@ -92,18 +92,14 @@ def _fwd_bwd(fn, args, grad_of, ctx: Context):
 
 
 class _FuseSetting:
-    """Run a callable with ``FUSE_MIX_WHEN_COMPILING`` set (compiled code reads it at trace time)."""
+    """Run a callable with ``fuse_mix_when_compiling`` set (compiled code reads it at trace time)."""
 
     def __init__(self, fn, value: bool):
         self.fn, self.value = fn, value
 
     def __call__(self, *a):
-        old = models.FUSE_MIX_WHEN_COMPILING
-        models.FUSE_MIX_WHEN_COMPILING = self.value
-        try:
+        with kernels.options(fuse_mix_when_compiling=self.value):
             return self.fn(*a)
-        finally:
-            models.FUSE_MIX_WHEN_COMPILING = old
 
 
 def run(ctx: Context) -> Path:
@@ -126,15 +122,15 @@ def run(ctx: Context) -> Path:
                        {**info, "impl": "BN + identity + ReLU on (N, out, H, W)"}),
               Workload(f"{label}: masked, matmul", _fwd_bwd(_masked_tail(_matmul_mix), masked_args, grads, ctx),
                        batch, 0, {**info, "impl": "torch.matmul (before)"}),
-              Workload(f"{label}: masked, bmm", _fwd_bwd(_masked_tail(models.mix), masked_args, grads, ctx),
+              Workload(f"{label}: masked, bmm", _fwd_bwd(_masked_tail(kernels.mix), masked_args, grads, ctx),
                        batch, 0, {**info, "impl": "bmm, stride-0 mask (eager default)"})]
         if compile_ok:
             for fuse, name in ((False, "compiled bmm"), (True, "compiled fused")):
-                # dynamo guards on FUSE_MIX_WHEN_COMPILING, so each setting keeps its own graph; the
+                # dynamo guards on the kernel options, so each setting keeps its own graph; the
                 # first (untimed) warm-up call compiles it
-                fn = _FuseSetting(torch.compile(_masked_tail(models.mix), dynamic=False), fuse)
+                fn = _FuseSetting(torch.compile(_masked_tail(kernels.mix), dynamic=False), fuse)
                 ws.append(Workload(f"{label}: masked, {name}", _fwd_bwd(fn, masked_args, grads, ctx),
-                                   batch, 0, {**info, "impl": f"torch.compile, FUSE_MIX_WHEN_COMPILING={fuse}"}))
+                                   batch, 0, {**info, "impl": f"torch.compile, fuse_mix_when_compiling={fuse}"}))
         ms = measure(ws, device=ctx.device, warmup=warmup, repeats=repeats)
         base = ms[ws[0].name].median
         for w in ws:

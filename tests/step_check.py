@@ -61,7 +61,7 @@ def run_step(f, model: torch.nn.Module, x: torch.Tensor, amp: bool = False, seed
 def float64_reference(model: torch.nn.Module, x: torch.Tensor, seed: int = 7) -> dict[str, torch.Tensor]:
     """The step of a float64 copy of ``model`` (taken before ``model`` steps) on the plain eager path
     and torch's own kernels (no CPU fast path): nothing of the project's own backward code in it."""
-    from maskconnect.models import cpu_fast_paths
+    from maskconnect.kernels import cpu_fast_paths
 
     ref = copy.deepcopy(model).double()
     ref.save_memory = False

@@ -7,6 +7,7 @@ checks on a GPU (Triton kernels, bf16) are in tests/test_cuda.py and ``python -m
 --compile``.
 """
 
+import contextlib
 import copy
 import shutil
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import maskconnect.models as models
+from maskconnect import kernels
 from maskconnect.models import build_model
 from maskconnect.specs import make_spec
 
@@ -30,11 +31,12 @@ SPEC = dict(connectivity="learned", fan_in=2, dataset="cifar10", stage_width=16)
 
 
 @pytest.fixture
-def fused(monkeypatch):
-    def set_(value: bool):
-        monkeypatch.setattr(models, "FUSE_MIX_WHEN_COMPILING", value)
-        torch._dynamo.reset()
-    yield set_
+def fused():
+    with contextlib.ExitStack() as stack:
+        def set_(value: bool):
+            stack.enter_context(kernels.options(fuse_mix_when_compiling=value))
+            torch._dynamo.reset()
+        yield set_
     torch._dynamo.reset()
 
 
@@ -93,7 +95,7 @@ def _tail(mask, h, idt, gamma, beta):
     hh, ww = h.shape[-2:]
     z = F.batch_norm(h.reshape(n_batch * n, out, hh, ww), None, None, gamma, beta, training=True)
     z = z.reshape(n_batch, n, out, hh, ww) + idt.reshape(n_batch, n, out, hh, ww) * 0.5
-    return models.mix(mask, z)
+    return kernels.mix(mask, z)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused-mix", "bmm-mix"])

@@ -9,7 +9,7 @@ from maskconnect.connectivity import (
     MaskBank, clip_masks, count_weights, freeze_masks, live_branches, param_groups, random_masks,
     sample_masks, topk_masks,
 )
-from maskconnect.models import MaskedResNeXt, build_model, mix
+from maskconnect.models import MaskedResNeXt, build_model
 from maskconnect.pruning import load_pruned, prune, prune_report, save_pruned
 from maskconnect.specs import make_spec
 from reference import naive_masked_forward, randomize_bn
@@ -226,10 +226,3 @@ def test_prune_needs_frozen_masks_and_roundtrips(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), compact(x))
-
-
-def test_mix_matches_einsum():
-    y = torch.randn(2, 3, 4, 5, 5)
-    m = torch.tensor([[1.0, 0, 1], [0, 1, 1]])
-    ref = F.relu(torch.einsum("jk,nkchw->njchw", m, y)).reshape(2, 8, 5, 5)
-    assert torch.allclose(mix(m, y), ref, atol=1e-6)

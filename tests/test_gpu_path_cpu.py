@@ -1,12 +1,13 @@
 """What a GPU runs, run on this CPU (issue 18, step 4).
 
 On CUDA a masked model trains by default on the memory-saving path (``MaskedBlock.forward_saving``,
-:class:`_MixedInput`, :class:`_SharedBNTail`), whose explicit 1x1 backward (``_conv1x1_backward``) calls
+``kernels.saving``: :class:`_MixedInput`, :class:`_SharedBNTail`), whose explicit 1x1 backward
+(``_conv1x1_backward``) calls
 ``aten.convolution_backward``; on a CPU narrow branches take its matmul branch instead, and the CPU
-default is the plain autograd path. ``models.cpu_fast_paths(False)`` makes a CPU run the GPU's kernels,
+default is the plain autograd path. ``kernels.cpu_fast_paths(False)`` makes a CPU run the GPU's kernels,
 so both branches are compared here against the plain path, in NCHW and channels_last, float64, fp32 and bf16
 autocast, for every fan-in: outputs, every gradient (masks included) and the BN running statistics.
-A spy on the module's calls proves which branch ran, so the comparison cannot silently cover one.
+A spy on the kernels' calls proves which branch ran, so the comparison cannot silently cover one.
 
 Also: which path a forward pass takes (train with grad, eval, no_grad), and the ``centred`` mask rule
 against ``clip(m - lr * (g - mean g))`` computed here from the raw gradient.
@@ -15,12 +16,15 @@ against ``clip(m - lr * (g - mean g))`` computed here from the raw gradient.
 from __future__ import annotations
 
 import copy
+import importlib
+import pkgutil
 from collections import Counter
 
 import pytest
 import torch
 
-from maskconnect import models
+from maskconnect import kernels
+from maskconnect.kernels import cpu as cpu_kernels, saving
 from maskconnect.connectivity import mask_banks, param_groups
 from maskconnect.training.step import Precision, train_step
 from maskconnect.models import MaskedBlock, MaskedResNeXt, build_model
@@ -41,10 +45,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-# --- a spy on the torch calls made by maskconnect.models ------------------------------------------------
+# --- a spy on the torch calls made by maskconnect.kernels -----------------------------------------------
+
+# every module of the kernels package that calls torch: the spy replaces ``torch`` in each, so a kernel
+# moved between them is still seen (test_the_spy_sees_the_calls_it_counts checks the spy itself)
+KERNEL_MODULES = [m for m in (importlib.import_module(f"{kernels.__name__}.{i.name}")
+                              for i in pkgutil.iter_modules(kernels.__path__)) if hasattr(m, "torch")]
+
 
 class _TorchSpy:
-    """Stands in for the ``torch`` module inside maskconnect.models: counts ``torch.matmul`` and every
+    """Stands in for the ``torch`` module inside maskconnect.kernels: counts ``torch.matmul`` and every
     ``torch.ops.aten.*`` call, tagged with whether it ran inside ``_conv1x1_backward``."""
 
     def __init__(self):
@@ -88,7 +98,7 @@ class _TorchSpy:
 @pytest.fixture
 def spy(monkeypatch):
     s = _TorchSpy()
-    real_backward = models._conv1x1_backward
+    real_backward = saving._conv1x1_backward
 
     def counted(*args, **kwargs):
         s.calls[("conv1x1_backward", "call")] += 1
@@ -98,20 +108,22 @@ def spy(monkeypatch):
         finally:
             s.inside = False
 
-    monkeypatch.setattr(models, "torch", s)
-    monkeypatch.setattr(models, "_conv1x1_backward", counted)
+    for module in KERNEL_MODULES:
+        monkeypatch.setattr(module, "torch", s)
+    monkeypatch.setattr(saving, "_conv1x1_backward", counted)  # where _MixedInput and _SharedBNTail look it up
     return s
 
 
 def test_the_spy_sees_the_calls_it_counts(spy):
-    """The spy itself: it counts a matmul and an aten op made through maskconnect.models' ``torch``."""
+    """The spy itself: it counts a matmul and an aten op made through maskconnect.kernels' ``torch``."""
+    assert {m.__name__.rsplit(".", 1)[-1] for m in KERNEL_MODULES} >= {"cpu", "mixing", "saving"}
     x, w = torch.randn(2, 8, 3, 3), torch.randn(8, 2, 1, 1)
-    torch.testing.assert_close(models.grouped_1x1(x, w, 4), torch.nn.functional.conv2d(x, w, groups=4))
+    torch.testing.assert_close(cpu_kernels.grouped_1x1(x, w, 4), torch.nn.functional.conv2d(x, w, groups=4))
     assert spy.calls[("elsewhere", "matmul")] == 1
-    models._conv1x1_backward(torch.randn(2, 8, 3, 3), x, w, 4, True, True)
+    saving._conv1x1_backward(torch.randn(2, 8, 3, 3), x, w, 4, True, True)
     assert spy.in_backward("call") == 1 and spy.in_backward("matmul") == 2
-    with models.cpu_fast_paths(False):
-        models._conv1x1_backward(torch.randn(2, 8, 3, 3), x, w, 4, True, True)
+    with kernels.cpu_fast_paths(False):
+        saving._conv1x1_backward(torch.randn(2, 8, 3, 3), x, w, 4, True, True)
     assert spy.in_backward("convolution_backward") == 1 and spy.in_backward("matmul") == 2
 
 
@@ -173,7 +185,7 @@ def test_saving_path_matches_plain_path_through_both_1x1_backward_branches(layou
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     worst = (0.0, 0.0, "")
-    with models.cpu_fast_paths(branch == "matmul"):
+    with kernels.cpu_fast_paths(branch == "matmul"):
         for k in range(1, C + 1):
             saving, plain = _model(k, layout)
             before = Counter(spy.calls)
@@ -206,7 +218,7 @@ def test_cpu_fast_paths_compute_what_the_gpu_kernels_compute(layout, spy):
     gpu = copy.deepcopy(fast)
     got = run_step(fast, fast, x)
     seen_fast = Counter(spy.calls)
-    with models.cpu_fast_paths(False):
+    with kernels.cpu_fast_paths(False):
         want = run_step(gpu, gpu, x)
     seen_gpu = spy.calls - seen_fast
     if layout == "nchw":

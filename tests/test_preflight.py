@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from maskconnect import models
+from maskconnect.kernels import cpu as cpu_kernels, saving
+from maskconnect.models import masked
 from maskconnect.cli import main
 from maskconnect.preflight import datapath, steps
 
@@ -74,22 +76,26 @@ def _scaled(fn, index: int, factor: float, when=lambda *a: True):
 
 
 def _inject(monkeypatch, where: str) -> None:
+    """Break one custom backward where the code looks it up: the autograd Functions' classes, and
+    ``_conv1x1_backward`` in ``kernels.saving`` (its callers, and the preflight's own check, read it
+    from there at call time)."""
     if where == "_ChannelsLastBN.backward (input gradient x1.5)":
-        monkeypatch.setattr(models._ChannelsLastBN, "backward", _scaled(models._ChannelsLastBN.backward, 0, 1.5))
+        fn = cpu_kernels._ChannelsLastBN
+        monkeypatch.setattr(fn, "backward", _scaled(fn.backward, 0, 1.5))
     elif where == "_MixedInput.backward (branch-tensor gradient x1.5)":
-        monkeypatch.setattr(models._MixedInput, "backward", _scaled(models._MixedInput.backward, 1, 1.5))
+        monkeypatch.setattr(saving._MixedInput, "backward", _scaled(saving._MixedInput.backward, 1, 1.5))
     elif where == "_SharedBNTail.backward (conv3 weight gradient x0.5)":
-        monkeypatch.setattr(models._SharedBNTail, "backward", _scaled(models._SharedBNTail.backward, 2, 0.5))
+        monkeypatch.setattr(saving._SharedBNTail, "backward", _scaled(saving._SharedBNTail.backward, 2, 0.5))
     else:
         matmul = "matmul" in where
-        orig = models._conv1x1_backward
+        orig = saving._conv1x1_backward
 
         def wrong(grad, x, weight, groups, need_input, need_weight):
             gi, gw = orig(grad, x, weight, groups, need_input, need_weight)
-            if models._matmul_1x1(x, groups, weight.shape[0]) == matmul and gi is not None:
+            if cpu_kernels._matmul_1x1(x, groups, weight.shape[0]) == matmul and gi is not None:
                 gi = gi * 1.5
             return gi, gw
-        monkeypatch.setattr(models, "_conv1x1_backward", wrong)
+        monkeypatch.setattr(saving, "_conv1x1_backward", wrong)
 
 
 INJECTIONS = {
@@ -253,8 +259,9 @@ def test_compile_check_passes_on_inductor_and_fails_when_the_compiled_graph_diff
     path = steps.Path(False, False, Precision(torch.device("cpu")))
     ok = steps.compile_check(model, x, y, path)
     assert ok["passed"] and ok["tensors"] > 20, ok
-    mix = models.mix
-    # a compiled graph that computes another function than eager (the mixing, only when traced)
-    monkeypatch.setattr(models, "mix", lambda m, t: mix(m, t) * (1.5 if torch.compiler.is_compiling() else 1.0))
+    mix = masked.mix
+    # a compiled graph that computes another function than eager (the mixing, only when traced; the
+    # compiled model runs the plain path, which looks ``mix`` up in models.masked)
+    monkeypatch.setattr(masked, "mix", lambda m, t: mix(m, t) * (1.5 if torch.compiler.is_compiling() else 1.0))
     bad = steps.compile_check(model, x, y, path)
     assert not bad["passed"] and bad["worst"]["rel_error"] > bad["worst"]["bound"]

@@ -1,4 +1,4 @@
-"""Pruning: remove branches that no branch of the next module reads (design.md section 5).
+"""Pruning: remove branches that no branch of the next module reads (docs/design.md section 5).
 
 After the masks are frozen, a branch is dead when no *live* branch of the next module selects it (the
 last module feeds the output node, so its branches all live). Dead branches are removed from the output

@@ -2,7 +2,7 @@
 autograd, the two 1x1 backward kernels, compiled against eager.
 
 The reference is always the plain autograd path (``model.save_memory = False``) with torch's own
-kernels (``models.cpu_fast_paths(False)``): nothing in it is written by this project except the
+kernels (``kernels.cpu_fast_paths(False)``): nothing in it is written by this project except the
 forward pass. A candidate path is one training step (forward with one mask draw, cross-entropy,
 backward) of a deep copy of the same model, on the same batch, with the same draw. Compared: the
 logits, every gradient (the real-valued masks included) and every buffer (BN running statistics,
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import models
+from .. import kernels
+from ..kernels import cpu as cpu_kernels, saving as saving_kernels
 from ..training.step import Precision
 
 FP32_TOL = 1e-4
@@ -97,7 +98,7 @@ def run_step(model: nn.Module, x: Tensor, y: Tensor, path: Path, *, perturb_seed
                     p.mul_((1 + u * (2 * torch.rand(p.shape, generator=g) - 1)).to(p.device))
             x = x * (1 + u * (2 * torch.rand(x.shape, generator=g) - 1)).to(x.device)
     runner = m if step_model is None else step_model(m)
-    with models.cpu_fast_paths(path.fast_paths):
+    with kernels.cpu_fast_paths(path.fast_paths):
         torch.manual_seed(DRAW_SEED)  # the same mask draw on every path
         with path.precision.autocast():
             logits = runner(path.precision.prepare_input(x))
@@ -184,7 +185,7 @@ def compare_step(model: nn.Module, x: Tensor, y: Tensor, candidate: Path, device
 
 
 def conv1x1_backward_check(device: torch.device, *, matmul: bool, seed: int = 0) -> dict:
-    """``models._conv1x1_backward`` (input and weight gradients of a grouped 1x1 conv, the saving
+    """``kernels.saving._conv1x1_backward`` (input and weight gradients of a grouped 1x1 conv, the saving
     path's explicit backward) against autograd through ``F.conv2d``, on masked-module shapes: wide to
     narrow (conv1) and narrow to wide (conv3). ``matmul``: the batched-matmul branch (CPU only; it is
     taken there for narrow branches), else the convolution-kernel branch (what CUDA runs)."""
@@ -192,18 +193,18 @@ def conv1x1_backward_check(device: torch.device, *, matmul: bool, seed: int = 0)
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     shapes = [(4, 8, 16, 4, 6, 6), (4, 8, 4, 16, 6, 6), (3, 4, 32, 64, 5, 5)]  # (N, groups, cin/g, cout/g, H, W)
-    with exact_fp32(), models.cpu_fast_paths(matmul):
+    with exact_fp32(), kernels.cpu_fast_paths(matmul):
         for n, groups, ci, co, hh, ww in shapes:
             x = torch.randn(n, groups * ci, hh, ww, generator=g, dtype=torch.float64).float().to(dev)
             w = torch.randn(groups * co, ci, 1, 1, generator=g).to(dev)
             grad = torch.randn(n, groups * co, hh, ww, generator=g).to(dev)
-            taken = models._matmul_1x1(x, groups, groups * co)
+            taken = cpu_kernels._matmul_1x1(x, groups, groups * co)
             if taken != matmul:
                 return {"passed": False, "error": f"the {'matmul' if matmul else 'convolution'} branch was not taken "
                                                   f"for shape {(n, groups * ci, hh, ww)}"}
             xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
             F.conv2d(xr, wr, groups=groups).backward(grad)
-            gi, gw = models._conv1x1_backward(grad, x, w, groups, True, True)
+            gi, gw = saving_kernels._conv1x1_backward(grad, x, w, groups, True, True)
             for got, want in ((gi, xr.grad), (gw, wr.grad)):
                 if got is None or got.shape != want.shape:
                     return {"passed": False, "error": "missing or misshapen gradient"}
