@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from maskconnect import tracking
 from maskconnect.tracking import (
     RUN_DIR_TAG,
     RUN_FILE,
@@ -26,6 +25,7 @@ from maskconnect.tracking import (
     flatten_params,
     sync_run_dir,
 )
+from maskconnect.tracking import store as tracking_store
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -246,7 +246,7 @@ def test_unusable_store_never_raises_and_warns_once(tmp_path, monkeypatch, kind)
 
 def test_without_mlflow_tracking_is_a_noop_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` raises ImportError
-    monkeypatch.setattr(tracking, "_MISSING_WARNED", False)
+    monkeypatch.setattr(tracking_store, "_MISSING_WARNED", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name in ("a", "b"):
@@ -280,11 +280,33 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
     assert "mlruns" not in default_tracking_uri()
 
 
-def test_flatten_params():
+def test_flatten_params(tmp_path, store):
     flat = flatten_params({"a": 1, "b": {"c": [1, 2], "d": None, "e": {}}, "f": "y" * 7000,
                            "g h": True})
-    assert flat == {"a": "1", "b.c": "[1,2]", "b.d": "None", "b.e": "{}", "f": "y" * 6000,
+    assert flat == {"a": "1", "b.c": "[1,2]", "b.d": "None", "b.e": "{}", "f": "y" * 7000,
                     "g h": "True"}
+    # an over-long value is MLflow's to truncate (MLFLOW_TRUNCATE_LONG_VALUES): logged, it is 6000 characters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        t = Tracker(tmp_path / "run", experiment="maskconnect/test/flatten", run_name="f", uri=store)
+        t.start({"f": "y" * 7000}, {})
+    assert _client(store).get_run(t.run_id).data.params["f"] == "y" * 6000
+
+
+def test_batches_beyond_mlflow_request_limits_are_logged_whole(tmp_path, store):
+    # one log_batch call each: MLflow splits params/tags (100 a request) and metrics (1000) itself
+    params = {f"p{i}": i for i in range(250)}
+    row = {f"m{i}": float(i) for i in range(1200)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        t = Tracker(tmp_path / "run", experiment="maskconnect/test/batches", run_name="b", uri=store)
+        t.start(params, {f"t{i}": i for i in range(150)})
+        t.log_epoch(row, step=1)
+        t.finish({}, [])
+    run = _client(store).get_run(t.run_id)
+    assert {k: run.data.params[k] for k in params} == {k: str(v) for k, v in params.items()}
+    assert all(run.data.tags[f"t{i}"] == str(i) for i in range(150))
+    assert {k: run.data.metrics[k] for k in row} == row
 
 
 def test_retry_backs_off_on_locked_database_and_not_on_permanent_errors():
@@ -299,7 +321,7 @@ def test_retry_backs_off_on_locked_database_and_not_on_permanent_errors():
             raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
         return "ok"
 
-    assert tracking._retry(flaky, retries=5, backoff=0.001) == "ok" and len(calls) == 3
+    assert tracking_store.retry(flaky, retries=5, backoff=0.001) == "ok" and len(calls) == 3
 
     def bad():
         calls.append(1)
@@ -307,5 +329,5 @@ def test_retry_backs_off_on_locked_database_and_not_on_permanent_errors():
 
     calls.clear()
     with pytest.raises(MlflowException):
-        tracking._retry(bad, retries=5, backoff=0.001)
+        tracking_store.retry(bad, retries=5, backoff=0.001)
     assert len(calls) == 1

@@ -35,11 +35,11 @@ def _init(args) -> int:
 
 
 def _sync(args) -> int:
-    from ..tracking import _normalise_uri, as_tracking_error, sync_run_dir
+    from ..tracking import as_tracking_error, normalise_uri, sync_run_dir
 
     from .messages import one_line_warnings
 
-    uri = _normalise_uri(args.tracking_uri)
+    uri = normalise_uri(args.tracking_uri)
     with one_line_warnings("track sync"):
         for run in args.runs:
             try:
@@ -52,12 +52,12 @@ def _sync(args) -> int:
 
 def _log_report(args) -> int:
     from ..io import atomic_write_text
-    from ..tracking import _normalise_uri, as_tracking_error, log_report
+    from ..tracking import as_tracking_error, log_report, normalise_uri
 
     try:
         run_id = log_report(args.report_dir, uri=args.tracking_uri, experiment=args.experiment)
     except Exception as e:
-        raise as_tracking_error(e, _normalise_uri(args.tracking_uri)) from None
+        raise as_tracking_error(e, normalise_uri(args.tracking_uri)) from None
     if args.marker:
         atomic_write_text(args.marker, run_id + "\n")
     print(run_id)

@@ -1,0 +1,317 @@
+"""The MLflow store: its URI, creating it once, and what a store that fails may cost.
+
+The default store is ``sqlite:///<project>/results/mlflow.db`` (never the ``./mlruns`` file store);
+experiments created here keep their artifacts next to the database, in
+``results/mlartifacts/<experiment>`` (MLflow would put them under ``./mlruns``). A fresh sqlite store
+is created under an inter-process file lock, so parallel jobs do not race on MLflow's schema migration.
+
+A store that cannot be written costs a run seconds, not minutes: one budget per run
+(``TRACKING_BUDGET_S``, 30 s: failed calls and the sleeps between retries). MLflow retries what it
+knows how to retry, with its own settings: HTTP requests (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``..._BACKOFF_FACTOR``, ``..._TIMEOUT``, bounded here unless the user set them) and sqlite's busy wait
+(its ``PRAGMA busy_timeout`` of 20 s). We retry only a sqlite 'database is locked' that outlived that
+wait. A sqlite store that cannot be written (a read-only directory or file system, a file that is not
+a database) is found before MLflow is asked, in milliseconds (MLflow would retry creating its engine
+for about 100 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..errors import MaskConnectError, TrackingError
+
+log = logging.getLogger("maskconnect.tracking")
+
+ARTIFACT_DIR = "mlartifacts"  # next to a sqlite store
+TRACKING_BUDGET_S = 30.0  # seconds a run (or a track command) may lose to a store that fails
+_BAD_NAME_CHARS = re.compile(r"[^\w\-. /:]")
+
+_MISSING_WARNED = False
+_READY_URIS: set[str] = set()
+_READY_LOCK = threading.Lock()
+
+
+class TrackingWarning(RuntimeWarning):
+    """MLflow tracking is unavailable or failed; training goes on without it."""
+
+
+def warn(message: str) -> None:
+    log.debug("%s", message)
+    warnings.warn(message, TrackingWarning, stacklevel=3)
+
+
+def have_mlflow() -> bool:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def warn_missing_once() -> None:
+    global _MISSING_WARNED
+    if not _MISSING_WARNED:
+        _MISSING_WARNED = True
+        warn("mlflow is not installed: MLflow tracking is off (install it with `pip install 'maskconnect[track]'`)")
+
+
+# --- URIs ----------------------------------------------------------------------------------------
+
+def default_tracking_uri(project_root: Path | str | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/results/mlflow.db``.
+
+    ``root`` is ``project_root`` or the current working directory (made absolute).
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if env:
+        return env
+    root = Path(project_root) if project_root is not None else Path.cwd()
+    return f"sqlite:///{(root.absolute() / 'results' / 'mlflow.db').as_posix()}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not rest or rest == ":memory:":
+        return None
+    return Path(os.path.abspath(rest))
+
+
+def normalise_uri(uri: str | None) -> str:
+    """``uri`` (default :func:`default_tracking_uri`), a sqlite path made absolute."""
+    uri = uri or default_tracking_uri()
+    path = sqlite_path(uri)
+    if path is not None:
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        uri = f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
+    return uri
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def tame_http_retries(uri: str) -> None:
+    # MLflow's own HTTP retries default to 7 tries with backoff factor 2 and a 120 s timeout (minutes
+    # against a dead server). They are the only retries of an HTTP store; bound them so that one call
+    # costs at most about 3 x 5 s + 2 s (a server that does not answer), unless the user chose values.
+    if is_http(uri):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+def _check_sqlite_store(uri: str) -> None:
+    """Raise :class:`TrackingError` when the sqlite store of ``uri`` cannot be written: its folder is not
+    a writable directory, or the database file is not a writable sqlite database. Milliseconds, and
+    before MLflow, whose engine creation retries such a store for about 100 s."""
+    import sqlite3
+
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrackingError(f"MLflow store {uri} cannot be used: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".maskconnect-probe-", dir=path.parent)  # sqlite writes journals here
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TrackingError(f"MLflow store {uri} cannot be written: {path.parent} is not writable "
+                            f"({e.strerror or e})") from None
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise TrackingError(f"MLflow store {uri} cannot be used: {path} is a directory")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
+    except sqlite3.Error as e:
+        raise TrackingError(f"MLflow store {uri} cannot be opened for writing ({e})") from None
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        con.execute("BEGIN IMMEDIATE")  # a write lock: refused on a read-only file or file system
+        con.rollback()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e).lower() and "busy" not in str(e).lower():  # busy is fine: others write
+            raise TrackingError(f"MLflow store {uri} cannot be written ({e})") from None
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(f"MLflow store {uri} is not a usable sqlite database ({e})") from None
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Inter-process lock (POSIX ``flock``) around the creation of a sqlite store."""
+    path = sqlite_path(uri)
+    handle = None
+    if path is not None:
+        try:
+            import fcntl
+
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+            handle = open(Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock", "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if handle is not None:
+                handle.close()
+            handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the flock
+
+
+def client(uri: str):
+    """An ``MlflowClient`` for ``uri``; the first use per process creates the store under a lock."""
+    from mlflow import MlflowClient
+
+    with _READY_LOCK:
+        if uri in _READY_URIS:
+            return MlflowClient(tracking_uri=uri)
+        _check_sqlite_store(uri)
+        with _store_lock(uri):
+            c = MlflowClient(tracking_uri=uri)  # builds the store (runs migrations if fresh)
+            c.search_experiments(max_results=1)
+        _READY_URIS.add(uri)
+        return c
+
+
+def ensure_store(uri: str | None = None, *, strict: bool = False, retries: int = 5,
+                 backoff: float = 0.5, budget_s: float | None = None) -> str:
+    """Create the tracking store (database and schema) once, before parallel jobs start.
+
+    Returns the (normalised) URI. Failures (and a missing mlflow) are a :class:`TrackingWarning`
+    unless ``strict``, when they raise :class:`TrackingError` (one line). At most ``budget_s``
+    (default ``TRACKING_BUDGET_S``) is spent on failures.
+    """
+    uri = normalise_uri(uri)
+    if not have_mlflow():
+        if strict:
+            raise MaskConnectError("mlflow is not installed (pip install 'maskconnect[track]')")
+        warn_missing_once()
+        return uri
+    tame_http_retries(uri)
+    try:
+        retry(lambda: client(uri), retries=retries, backoff=backoff, budget=Budget(budget_s), http=is_http(uri))
+    except Exception as e:
+        if strict:
+            raise as_tracking_error(e, uri) from None
+        warn(f"MLflow store {uri} is not usable ({type(e).__name__}: {short(e)})")
+    return uri
+
+
+def as_tracking_error(e: BaseException, uri: str) -> MaskConnectError:
+    """A one-line :class:`TrackingError` for any failure of the store ``uri`` (MaskConnect errors as they are)."""
+    if isinstance(e, MaskConnectError):
+        return e
+    return TrackingError(f"MLflow store {uri} is not usable ({type(e).__name__}: {short(e)})")
+
+
+def experiment_id(c, uri: str, name: str) -> str:
+    """Id of experiment ``name``, created if missing (safe when processes race to create it), with its
+    artifacts next to a sqlite store; a deleted experiment of that name is restored."""
+    from mlflow.exceptions import MlflowException
+
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        db = sqlite_path(uri)
+        safe = "/".join(_BAD_NAME_CHARS.sub("_", p) for p in name.split("/") if p not in ("", ".", ".."))
+        try:
+            return c.create_experiment(name, artifact_location=None if db is None else str(db.parent / ARTIFACT_DIR / (safe or "default")))
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := c.get_experiment_by_name(name)) is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+# --- what a failing store may cost ---------------------------------------------------------------
+
+class Budget:
+    """The time one run may lose to tracking failures: failed calls and the sleeps between retries."""
+
+    def __init__(self, seconds: float | None = None):
+        if seconds is None:
+            try:
+                seconds = float(os.environ.get("MASKCONNECT_TRACKING_BUDGET_S", TRACKING_BUDGET_S))
+            except ValueError:
+                seconds = TRACKING_BUDGET_S
+        self.total = max(0.0, seconds)
+        self.spent = 0.0
+
+    def left(self) -> float:
+        return self.total - self.spent
+
+    def spend(self, seconds: float) -> None:
+        self.spent += max(0.0, seconds)
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A sqlite 'database is locked' (or busy) that outlived MLflow's busy wait: the one failure that
+    MLflow does not retry itself and that another try can fix."""
+    text = str(e).lower()
+    if "locked" not in text and "busy" not in text:
+        return False
+    return getattr(e, "error_code", None) in (None, "TEMPORARILY_UNAVAILABLE") or "locked" in text
+
+
+def retry(fn: Callable[[], Any], *, retries: int = 5, backoff: float = 0.5,
+          max_sleep: float = 8.0, budget: Budget | None = None, http: bool = False) -> Any:
+    """Call ``fn``; on a transient error (:func:`_is_transient`) sleep ``backoff * 2**i`` (with jitter)
+    and try again, at most ``retries`` tries in all and never past ``budget`` (failed calls and sleeps
+    count against it). ``http``: no retries here, MLflow's HTTP client retries (:func:`tame_http_retries`).
+    """
+    tries = 1 if http else max(1, int(retries))
+    for attempt in range(tries):
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:
+            if budget is not None:
+                budget.spend(time.monotonic() - t0)
+            if attempt == tries - 1 or not _is_transient(e):
+                raise
+            sleep = min(max_sleep, backoff * 2 ** attempt) * (1.0 + 0.5 * random.random())
+            if budget is not None:
+                if budget.left() < sleep:
+                    raise
+                budget.spend(sleep)
+            log.debug("MLflow call failed (%s: %s); retry %d/%d in %.2f s", type(e).__name__,
+                      short(e), attempt + 1, tries - 1, sleep)
+            time.sleep(sleep)
+    raise AssertionError("unreachable")
+
+
+def short(e: BaseException, n: int = 300) -> str:
+    """One line of an MLflow error."""
+    s = str(e).strip().splitlines()
+    s = s[0] if s else ""
+    # MLflow's HTTP errors quote urllib3's whole retry chain: keep the request and the OS error
+    request = re.search(r"API request to (\S+) failed", s)
+    cause = re.search(r"\[Errno -?\d+\] [^'\")]+", s) or re.search(r"(Read|Connect)TimeoutError\([^)]*?([Rr]ead|[Cc]onnect)[^)]*", s)
+    if request and cause:
+        s = f"request to {request.group(1)} failed: {cause.group(0).strip()}"
+    return s if len(s) <= n else s[: n - 3] + "..."
