@@ -2,6 +2,7 @@
 
 =============  ===========================================================================================
 ``config``     :class:`TrainConfig`: a run's fields, its recipe's defaults and every check (torch-free)
+``options``    the same fields as ``maskconnect train``'s options (torch-free; the grid loader uses them)
 ``schedule``   the recipes, the LR and its drops, joint phase -> freeze -> fine-tune (torch-free)
 ``loop``       :func:`train`: one run, epoch by epoch, and its end (freeze, prune, metrics)
 ``step``       the training step, evaluation and :class:`Precision` (the hot path)
