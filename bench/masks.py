@@ -1,6 +1,6 @@
 """Mask-rule measurements (issue 10): which update rule really learns connectivity.
 
-Two parts, each for every rule in ``maskconnect.connectivity.MASK_RULES``:
+Two parts, each for every rule in ``maskconnect.mask_rules.MASK_RULES``:
 
 * ``planted``: connectivity where the right answer is known. In every module that a mask reads
   (modules 1 .. L-1), a fixed, seeded subset of the branches is made useless: its output is replaced
@@ -156,8 +156,9 @@ def _plant(model, useless, construction: str) -> None:
 def run_planted(r: PlantedRun) -> dict:
     import torch
 
-    from maskconnect.connectivity import freeze_masks, mask_banks, mask_rule, mask_stats, param_groups
+    from maskconnect.connectivity import freeze_masks, mask_banks, mask_stats, param_groups
     from maskconnect.data import build_data
+    from maskconnect.mask_rules import mask_rule
     from maskconnect.training.step import Precision, evaluate, train_step
     from maskconnect.models import build_model
     from maskconnect.specs import make_spec
@@ -256,7 +257,7 @@ def _pool(fn, jobs: list, workers: int) -> list:
 def planted(args) -> dict:
     from scipy import stats
 
-    from maskconnect.connectivity import MASK_RULES
+    from maskconnect.mask_rules import MASK_RULES
 
     seeds = range(args.seeds)
     epochs = 4 if args.quick else args.planted_epochs
@@ -293,7 +294,7 @@ def planted(args) -> dict:
 
 
 def schedule(args) -> dict:
-    from maskconnect.connectivity import MASK_RULES
+    from maskconnect.mask_rules import MASK_RULES
 
     paper_lr = paper_equivalent_mask_lr(15 * 23)
     epochs = 4 if args.quick else 30
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
                    help="planted: fan-in K of the Learned and Fixed-Random runs (default 2; at K = 1 a branch that "
                         "reads a useless source gets nothing else)")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
-                   help="planted: the mask rules to run (default: every rule in maskconnect.connectivity.MASK_RULES)")
+                   help="planted: the mask rules to run (default: every rule in maskconnect.mask_rules.MASK_RULES)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: all cores)")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 epochs, no paper-length runs")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -394,7 +395,7 @@ def main(argv=None) -> int:
     if not 1 <= args.fan_in <= 8 - args.noisy:
         p.error(f"--fan-in {args.fan_in}: must be in 1..{8 - args.noisy} (at most the {8 - args.noisy} clean branches "
                 f"of C = 8 with --noisy {args.noisy})")
-    from maskconnect.connectivity import MASK_RULES
+    from maskconnect.mask_rules import MASK_RULES
 
     bad = [r for r in args.rules or [] if r not in MASK_RULES]
     if bad:

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from scipy import stats
 
 from maskconnect.connectivity import (
-    MaskBank, clip_masks, count_weights, freeze_masks, live_branches, param_groups, random_masks,
-    sample_masks, topk_masks,
+    MaskBank, count_weights, freeze_masks, live_branches, param_groups, random_masks, sample_masks, topk_masks,
 )
+from maskconnect.mask_rules import clip_masks
 from maskconnect.models import MaskedResNeXt, build_model
 from maskconnect.pruning import load_pruned, prune, prune_report, save_pruned
 from maskconnect.specs import make_spec

@@ -344,12 +344,12 @@ def test_snakemake_dry_run_refuses_a_bad_train_override(tmp_path):
 
 def test_grid_checks_stay_torch_free_and_use_the_training_rules():
     """The Snakefile imports the grid loader: checking a grid's overrides must not import torch. The
-    rule names the torch-free config checks are those of connectivity.MASK_RULES."""
+    rule names the torch-free config checks are those of mask_rules.MASK_RULES."""
     code = ("import sys; from maskconnect.experiments import load_grid; load_grid('paper'); load_grid('demo'); "
             "print('torch' in sys.modules)")
     assert _run([sys.executable, "-c", code]).stdout.strip() == "False"
     from maskconnect.training.config import MASK_RULE_NAMES
-    from maskconnect.connectivity import MASK_RULES
+    from maskconnect.mask_rules import MASK_RULES
 
     assert MASK_RULE_NAMES == tuple(MASK_RULES)
 

@@ -1,5 +1,6 @@
-"""Mask update rules, mask statistics, seeded tie-breaking at freezing, the identity share and the
-initial gamma of the shared last BN, and the mask columns of history.csv (issue 10).
+"""Mask update rules, mask statistics, seeded tie-breaking at freezing, and the mask columns of
+history.csv (issue 10). The identity share and the initial gamma of the shared last BN are in
+tests/test_models.py.
 
 References here are computed from the definitions (design.md sections 3-4), never read back from the
 attributes of the code under test.
@@ -15,12 +16,10 @@ import torch
 from scipy import optimize, stats
 
 from maskconnect.cli import main
-from maskconnect.connectivity import (
-    MASK_RULES, MaskBank, freeze_masks, mask_banks, mask_rule, mask_stats, project_capped_simplex, tied_rows,
-    topk_masks,
-)
+from maskconnect.connectivity import MaskBank, freeze_masks, mask_banks, mask_stats, tied_rows, topk_masks
 from maskconnect.errors import ConfigError
-from maskconnect.models import MaskedResNeXt, build_model
+from maskconnect.mask_rules import MASK_RULES, mask_rule, project_capped_simplex
+from maskconnect.models import build_model
 from maskconnect.specs import make_spec
 
 SMALL = dict(dataset="synthetic", stage_width=8, num_classes=5, image_size=8)
@@ -231,43 +230,6 @@ def test_tie_count_survives_a_checkpoint():
     assert mask_banks(b)[0].frozen and mask_banks(b)[0].tied_at_freeze == mask_banks(a)[0].tied_at_freeze
 
 
-# --- the model's identity share and initial scale -----------------------------------------------------
-
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_identity_share_is_one_over_k_into_masks_and_one_over_c_into_the_output(k):
-    """With every residual function zeroed (conv3 = 0, shared BN3 beta = 0), a module's branch outputs
-    are its identity paths times the share; read through a module output with hooks."""
-    c = 4
-    spec = make_spec("20,2,4", connectivity="random", fan_in=k, **SMALL)
-    model = MaskedResNeXt(spec).eval()
-    seen = []
-    for blk in model.blocks():
-        torch.nn.init.zeros_(blk.conv3.weight)
-        torch.nn.init.zeros_(blk.bn3.bias)
-        blk.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
-    model(torch.randn(3, 3, 8, 8))
-    last = len(seen) - 1
-    for i, (blk, x, y) in enumerate(seen):
-        if blk.downsample is not None:
-            continue  # a projection: P is a conv, not the identity
-        share = 1.0 / c if i == last else 1.0 / k
-        if i == 0:  # fed by the stem: every branch reads the same input
-            expect = x.unsqueeze(1).expand(-1, c, -1, -1, -1) * share
-        else:
-            expect = x.reshape(x.shape[0], c, -1, *x.shape[-2:]) * share
-        torch.testing.assert_close(y, expect, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("k", [1, 3, 8])
-def test_initial_gamma_of_the_shared_last_bn(k):
-    c = 8
-    spec = make_spec("20,2,8", connectivity="learned", fan_in=k, **SMALL)
-    blocks = MaskedResNeXt(spec).blocks()
-    for i, blk in enumerate(blocks):
-        fan = c if i == len(blocks) - 1 else k   # the output node sums all C branches
-        assert torch.allclose(blk.bn3.weight, torch.full_like(blk.bn3.weight, 1 / math.sqrt(fan)))
-
-
 # --- the training loop's mask columns ---------------------------------------------------------------
 
 NEW_COLUMNS = ("mask_mean", "mask_at_0", "mask_at_1", "mask_margin", "mask_ties")
@@ -369,8 +331,8 @@ entries:
 
 def test_the_rule_names_in_the_grid_schema_and_recipes_are_the_code_s():
     # the grid schema (jsonschema, checked before any job) and the recipes spell the rules out;
-    # they must stay the rules connectivity.py implements, and the recipes use the library default
-    from maskconnect.connectivity import DEFAULT_MASK_RULE
+    # they must stay the rules mask_rules.py implements, and the recipes use the library default
+    from maskconnect.mask_rules import DEFAULT_MASK_RULE
     from maskconnect.experiments import SCHEMA_PATH
     from maskconnect.training.schedule import RECIPES
 

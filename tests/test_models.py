@@ -1,6 +1,7 @@
 """Models: parameter counts against the paper, torchvision equality, the masked model's equivalences."""
 
 import csv
+import math
 from importlib import resources
 
 import pytest
@@ -167,3 +168,44 @@ def test_backward_runs_and_reaches_every_weight():
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
     assert model.masks.real.grad.abs().sum() > 0
+
+
+# --- the model's identity share and initial scale (docs/design.md sections 3 and 11) ------------------
+# References computed from the definitions, never read back from the attributes of the code under test.
+
+RULES_SMALL = dict(dataset="synthetic", stage_width=8, num_classes=5, image_size=8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_identity_share_is_one_over_k_into_masks_and_one_over_c_into_the_output(k):
+    """With every residual function zeroed (conv3 = 0, shared BN3 beta = 0), a module's branch outputs
+    are its identity paths times the share; read through a module output with hooks."""
+    c = 4
+    spec = make_spec("20,2,4", connectivity="random", fan_in=k, **RULES_SMALL)
+    model = MaskedResNeXt(spec).eval()
+    seen = []
+    for blk in model.blocks():
+        torch.nn.init.zeros_(blk.conv3.weight)
+        torch.nn.init.zeros_(blk.bn3.bias)
+        blk.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+    model(torch.randn(3, 3, 8, 8))
+    last = len(seen) - 1
+    for i, (blk, x, y) in enumerate(seen):
+        if blk.downsample is not None:
+            continue  # a projection: P is a conv, not the identity
+        share = 1.0 / c if i == last else 1.0 / k
+        if i == 0:  # fed by the stem: every branch reads the same input
+            expect = x.unsqueeze(1).expand(-1, c, -1, -1, -1) * share
+        else:
+            expect = x.reshape(x.shape[0], c, -1, *x.shape[-2:]) * share
+        torch.testing.assert_close(y, expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_initial_gamma_of_the_shared_last_bn(k):
+    c = 8
+    spec = make_spec("20,2,8", connectivity="learned", fan_in=k, **RULES_SMALL)
+    blocks = MaskedResNeXt(spec).blocks()
+    for i, blk in enumerate(blocks):
+        fan = c if i == len(blocks) - 1 else k   # the output node sums all C branches
+        assert torch.allclose(blk.bn3.weight, torch.full_like(blk.bn3.weight, 1 / math.sqrt(fan)))

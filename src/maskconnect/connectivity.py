@@ -12,29 +12,12 @@ MaskConnect (ECCV 2018, section 3.3), as implemented here:
   (Gumbel-top-K = sampling without replacement), one draw per iteration shared by the batch;
 * forward and backward use the binary mask; the gradient w.r.t. the binary mask is applied to m~
   unchanged (straight-through, as in BinaryConnect), so unselected entries get a gradient too;
-* after each optimiser step m~ is brought back to its feasible set by the *mask rule* (below);
+* after each optimiser step m~ is brought back to its feasible set by the *mask rule*;
 * at the end of the joint phase the masks are frozen to the top-K entries of each row; exact ties are
   broken by a seeded random draw (never by index) and counted.
 
-Mask rules (``--mask-rule``; design.md section 4). The paper says the real-valued row is normalised
-to sum to one to sample from it, and that m~ is clipped to [0, 1]; it does not say whether the
-normalisation is written back to m~. The rules are the readings we measured (bench/masks.py,
-bench/results/masks-*.md):
-
-* ``clip``: the literal reading. Sample from the normalised row, keep m~ unnormalised, clip it to
-  [0, 1] after each step. The straight-through gradient has a large component of the same sign across
-  a row, so whole rows drift together to a clip bound; a row at 1.0 samples uniformly and freezes by
-  ties. Kept so that the comparison can always be rerun.
-* ``centred``: subtract each row's mean from the mask gradient before the step, then clip. The step no
-  longer moves a row's sum (until entries hit a bound), so the common mode cannot saturate a row;
-  the sum stays at its initial value (C/2 for the default init), so a converged row can hold more
-  than K ones.
-* ``projected``: after each step, the Euclidean projection of every row onto
-  {m in [0, 1]^C : sum(m) = K}, the convex hull of the fan-in-K binary masks (the set the sampled
-  masks live in). It is the paper's normalisation written back, scaled to K (so entries read as
-  approximate inclusion probabilities: exact at K-hot and uniform rows), with the clip to [0, 1] kept.
-  The projection removes the gradient's common mode; its vertices are exactly the K-hot rows, so a converged row is a fan-in-K mask and
-  cannot saturate (at most K entries fit at 1) or tie at the K-th place against a zero.
+The mask rule, which keeps m~ feasible around each step (clip, centred, projected), is
+``maskconnect.mask_rules``' (docs/design.md section 8). This file: docs/design.md sections 2, 4 and 5.
 """
 
 from __future__ import annotations
@@ -114,86 +97,6 @@ def mask_stats(real: Tensor, k: int) -> dict[str, float | int]:
     ]).tolist()
     keys = ("mask_entropy", "mask_mean", "mask_at_0", "mask_at_1", "mask_margin")
     return {**dict(zip(keys, vals[:5])), "mask_ties": int(vals[5])}
-
-
-def project_capped_simplex(v: Tensor, k: int, iters: int = 50) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto {m in [0, 1]^C : sum(m) = k}.
-
-    The projection is clip(v - tau, 0, 1) with the row's tau chosen so the row sums to k. tau is
-    found by bisection (sum is monotone in tau; fixed iteration count, no host sync), then solved
-    exactly on the entries that end strictly inside (0, 1). Written by hand: torch has no projection
-    onto a capped simplex, and the bisection is a few vectorised ops.
-    """
-    c = v.shape[-1]
-    if k >= c:
-        return torch.ones_like(v)
-    lo = v.amin(-1, keepdim=True) - 1.0     # every entry clips to 1: sum = C >= k
-    hi = v.amax(-1, keepdim=True)           # every entry clips to 0: sum = 0 <= k
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        big = (v - mid).clamp(0.0, 1.0).sum(-1, keepdim=True) > k
-        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
-    tau = (lo + hi) / 2
-    d = v - tau
-    free = (d > 0) & (d < 1)
-    n_free = free.sum(-1, keepdim=True)
-    n_one = (d >= 1).sum(-1, keepdim=True)
-    exact = ((v * free).sum(-1, keepdim=True) - (k - n_one)) / n_free.clamp(min=1)
-    tau = torch.where(n_free > 0, exact, tau)
-    return (v - tau).clamp(0.0, 1.0)
-
-
-class MaskRule:
-    """How the real-valued masks are updated around the optimiser step (see the module docstring).
-
-    ``before_step`` edits the mask gradient (after backward, after any DDP all-reduce), and
-    ``after_step`` puts the masks back into their feasible set. Both act on unfrozen banks only and
-    never synchronise with the host.
-    """
-
-    def __init__(self, name: str, centre_gradient: bool, project: bool, summary: str):
-        self.name, self.centre_gradient, self.project, self.summary = name, centre_gradient, project, summary
-
-    @torch.no_grad()
-    def before_step(self, banks: Sequence["MaskBank"]) -> None:
-        if self.centre_gradient:
-            for b in _learning(banks):
-                g = b.real.grad
-                if g is not None:
-                    g.sub_(g.mean(-1, keepdim=True))
-
-    @torch.no_grad()
-    def after_step(self, banks: Sequence["MaskBank"]) -> None:
-        for b in _learning(banks):
-            if self.project:
-                b.real.copy_(project_capped_simplex(b.real, b.fan_in))
-            else:
-                b.real.clamp_(0.0, 1.0)
-
-    def __repr__(self) -> str:
-        return f"MaskRule({self.name!r})"
-
-
-def _learning(banks: Sequence["MaskBank"]) -> list["MaskBank"]:
-    return [b for b in banks if b.real is not None and not b.frozen]
-
-
-MASK_RULES: dict[str, MaskRule] = {
-    "clip": MaskRule("clip", False, False, "the literal reading: sample from the normalised row, clip m~ to [0, 1]"),
-    "centred": MaskRule("centred", True, False, "subtract the row mean from the mask gradient, then clip to [0, 1]"),
-    "projected": MaskRule("projected", False, True,
-                          "project each row onto {m in [0,1]^C : sum m = K}, the hull of the fan-in-K masks"),
-}
-# Decided by measurement (bench/results/masks-*.md, docs/mask_rules.md), not by reading.
-DEFAULT_MASK_RULE = "projected"
-
-
-def mask_rule(name: str) -> MaskRule:
-    from .errors import ConfigError
-
-    if name not in MASK_RULES:
-        raise ConfigError("mask_rule", name, f"one of {', '.join(MASK_RULES)}")
-    return MASK_RULES[name]
 
 
 def random_masks(num_masks: int, cardinality: int, k: int, seed: int) -> Tensor:
@@ -278,12 +181,6 @@ class MaskBank(nn.Module):
         """The seeded draw that breaks exact ties at the K-th place: the same one for evaluation before
         freezing and for freezing, so both pick the same wiring (a fresh generator each call)."""
         return torch.Generator().manual_seed(self.seed + 0x5EED)
-
-    @torch.no_grad()
-    def clip_(self) -> None:
-        """Clip the real-valued masks to [0, 1] (call after every optimiser step)."""
-        if self.real is not None:
-            self.real.clamp_(0.0, 1.0)
 
     @torch.no_grad()
     def freeze(self, generator: torch.Generator | None = None) -> int:
@@ -383,12 +280,6 @@ def param_groups(
         groups.append({"params": masks, "lr": lr if mask_lr is None else mask_lr,
                        "weight_decay": mask_weight_decay, "name": "masks"})
     return groups
-
-
-def clip_masks(model: nn.Module) -> None:
-    """Clip every real-valued mask to [0, 1] (the ``clip`` rule's step; kept for library users)."""
-    for b in mask_banks(model):
-        b.clip_()
 
 
 def freeze_masks(model: nn.Module, seed: int | None = None) -> int:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks, mask_rule, mask_stats, masks_frozen
+from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks, mask_stats, masks_frozen
 from ..errors import MaskConnectError, RunDirError, TrainingDiverged
+from ..mask_rules import mask_rule
 from ..models import build_model
 from ..specs import ModelSpec
 from . import rundir

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..connectivity import DEFAULT_MASK_RULE, MaskBank, MaskRule, mask_banks, mask_rule
+from ..connectivity import MaskBank, mask_banks
+from ..mask_rules import DEFAULT_MASK_RULE, MaskRule, mask_rule
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""The mask update rules: how the real-valued masks m~ are kept feasible around each optimiser step
+(``--mask-rule``; docs/design.md sections 4 and 8, measurements in docs/mask_rules.md).
+
+The paper normalises a real-valued row to sum to one to sample from it, and clips m~ to [0, 1]; it does
+not say whether the normalisation is written back to m~. The rules are the readings we measured
+(bench/masks.py, bench/results/masks-*.md):
+
+| rule | before the step | after the step |
+|---|---|---|
+| ``clip`` (literal) | - | clip to [0, 1] (:func:`clip_`) |
+| ``centred`` | subtract each row's mean from its gradient (:func:`centre_rows_`) | clip to [0, 1] |
+| ``projected`` (**default**) | - | Euclidean projection onto {m in [0,1]^C : sum m = K} (:func:`project_capped_simplex`) |
+
+* ``clip``: sample from the normalised row, keep m~ unnormalised, clip it after each step. The
+  straight-through gradient has a large component of the same sign across a row, so whole rows drift
+  together to a clip bound; a row at 1.0 samples uniformly and freezes by ties. Kept so that the
+  comparison can always be rerun.
+* ``centred``: the step no longer moves a row's sum (until entries hit a bound), so the common mode
+  cannot saturate a row; the sum stays at its initial value (C/2 for the default init), so a converged
+  row can hold more than K ones.
+* ``projected``: the paper's normalisation written back, scaled to K (so entries read as approximate
+  inclusion probabilities: exact at K-hot and uniform rows), with the clip to [0, 1] kept. The set is
+  the convex hull of the fan-in-K binary masks (the set the sampled masks live in); the projection
+  removes the gradient's common mode, and its vertices are exactly the K-hot rows, so a converged row
+  is a fan-in-K mask and cannot saturate (at most K entries fit at 1) or tie at the K-th place against
+  a zero.
+
+A rule acts on unfrozen learned banks only and never synchronises with the host. The masks themselves
+(banks, sampling, freezing) are ``maskconnect.connectivity``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .connectivity import MaskBank, mask_banks
+
+
+def clip_(real: Tensor) -> Tensor:
+    """Clip real-valued masks to [0, 1] in place: the one clip of the code."""
+    return real.clamp_(0.0, 1.0)
+
+
+def centre_rows_(grad: Tensor) -> Tensor:
+    """Subtract each row's mean from a mask gradient in place (the ``centred`` rule)."""
+    return grad.sub_(grad.mean(-1, keepdim=True))
+
+
+def project_capped_simplex(v: Tensor, k: int, iters: int = 50) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto {m in [0, 1]^C : sum(m) = k}.
+
+    The projection is clip(v - tau, 0, 1) with the row's tau chosen so the row sums to k. tau is
+    found by bisection (sum is monotone in tau; fixed iteration count, no host sync), then solved
+    exactly on the entries that end strictly inside (0, 1). Written by hand: torch has no projection
+    onto a capped simplex, and the bisection is a few vectorised ops.
+    """
+    c = v.shape[-1]
+    if k >= c:
+        return torch.ones_like(v)
+    lo = v.amin(-1, keepdim=True) - 1.0     # every entry clips to 1: sum = C >= k
+    hi = v.amax(-1, keepdim=True)           # every entry clips to 0: sum = 0 <= k
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        big = (v - mid).clamp(0.0, 1.0).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    tau = (lo + hi) / 2
+    d = v - tau
+    free = (d > 0) & (d < 1)
+    n_free = free.sum(-1, keepdim=True)
+    n_one = (d >= 1).sum(-1, keepdim=True)
+    exact = ((v * free).sum(-1, keepdim=True) - (k - n_one)) / n_free.clamp(min=1)
+    tau = torch.where(n_free > 0, exact, tau)
+    return (v - tau).clamp(0.0, 1.0)
+
+
+class MaskRule:
+    """How the real-valued masks are updated around the optimiser step (see the module docstring).
+
+    ``before_step`` edits the mask gradient (after backward, after any DDP all-reduce), and
+    ``after_step`` puts the masks back into their feasible set. Both act on unfrozen banks only and
+    never synchronise with the host.
+    """
+
+    def __init__(self, name: str, centre_gradient: bool, project: bool, summary: str):
+        self.name, self.centre_gradient, self.project, self.summary = name, centre_gradient, project, summary
+
+    @torch.no_grad()
+    def before_step(self, banks: Sequence[MaskBank]) -> None:
+        if self.centre_gradient:
+            for b in _learning(banks):
+                g = b.real.grad
+                if g is not None:
+                    centre_rows_(g)
+
+    @torch.no_grad()
+    def after_step(self, banks: Sequence[MaskBank]) -> None:
+        for b in _learning(banks):
+            if self.project:
+                b.real.copy_(project_capped_simplex(b.real, b.fan_in))
+            else:
+                clip_(b.real)
+
+    def __repr__(self) -> str:
+        return f"MaskRule({self.name!r})"
+
+
+def _learning(banks: Sequence[MaskBank]) -> list[MaskBank]:
+    return [b for b in banks if b.real is not None and not b.frozen]
+
+
+MASK_RULES: dict[str, MaskRule] = {
+    "clip": MaskRule("clip", False, False, "the literal reading: sample from the normalised row, clip m~ to [0, 1]"),
+    "centred": MaskRule("centred", True, False, "subtract the row mean from the mask gradient, then clip to [0, 1]"),
+    "projected": MaskRule("projected", False, True,
+                          "project each row onto {m in [0,1]^C : sum m = K}, the hull of the fan-in-K masks"),
+}
+# Decided by measurement (bench/results/masks-*.md, docs/mask_rules.md), not by reading.
+DEFAULT_MASK_RULE = "projected"
+
+
+def mask_rule(name: str) -> MaskRule:
+    from .errors import ConfigError
+
+    if name not in MASK_RULES:
+        raise ConfigError("mask_rule", name, f"one of {', '.join(MASK_RULES)}")
+    return MASK_RULES[name]
+
+
+@torch.no_grad()
+def clip_masks(model: nn.Module) -> None:
+    """Clip every real-valued mask of ``model`` to [0, 1] (the ``clip`` rule's step, frozen banks
+    included; kept for library users)."""
+    for b in mask_banks(model):
+        if b.real is not None:
+            clip_(b.real)
