@@ -73,14 +73,14 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                         help="the device's peak TFLOP/s, if the built-in table does not know it")
     common.add_argument("--allow-cpu", action="store_true", dest="allow_cpu",
                         help="cuda-check: run on the CPU with bf16 autocast (tests the check itself)")
-    parser = argparse.ArgumentParser(prog=prog, description="maskconnect benchmarks (issue 6). Each "
+    parser = argparse.ArgumentParser(prog=prog, description="maskconnect benchmarks: speed, memory and cost of the models. Each "
                                      "writes a JSON record under --out and prints a table.")
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     sub.required = True
     for name in (*BENCHMARKS, "cuda-check", "demo-width", "all", "summary"):
         sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
     # its own options (bench/masks.py); main() hands its arguments over before parsing
-    sub.add_parser("masks", add_help=False, help="the mask update rules (issue 10): planted connectivity and the long "
+    sub.add_parser("masks", add_help=False, help="the mask update rules (docs/mask_rules.md): planted connectivity and the long "
                    "schedule, CPU, not part of 'all' (about an hour on 2 cores); 'masks --help' for its options")
     return parser
 

@@ -1,6 +1,6 @@
 """What every benchmark shares: the run context, timing, memory, records, goals and tables.
 
-Timing rules (issue 6): warm up first, then time every repeat on its own -- with CUDA events on a
+Timing rules (bench/README.md): warm up first, then time every repeat on its own -- with CUDA events on a
 GPU (no host synchronisation between repeats, so the queue stays full), with ``perf_counter`` on the
 CPU (where the work is synchronous) -- and report the median with its spread. Workloads that are
 compared run side by side in one process, interleaved repeat by repeat (the starting workload
@@ -322,7 +322,7 @@ CPU_CAVEAT = ("the goal is stated for a GPU; this verdict holds for this CPU (fp
 def goal(goal_id: str, description: str, *, value: float | None, threshold: float, ctx: Context,
          measured_on: str, below: bool = False, gpu_only: bool = True, valid: bool = True,
          why_not: str | None = None) -> dict:
-    """A goal of issue 6 with its measured value and ``met`` true/false, or null where the run cannot
+    """A benchmark goal (bench/README.md, 'Goals') with its measured value and ``met`` true/false, or null where the run cannot
     decide it (a run on other configs than the goal names, such as ``--quick``, or no value).
 
     The verdict belongs to the device that measured it (``decided_on``): a GPU goal measured on a CPU

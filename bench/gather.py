@@ -1,4 +1,4 @@
-"""Is mixing by gathering the K selected sources faster than the dense bmm? (issue 12, item 3)
+"""Is mixing by gathering the K selected sources faster than the dense bmm? (not adopted: docs/design.md section 10)
 
 Not a registered benchmark: a one-off measurement whose result is recorded in bench/README.md.
 Forward of the mixing only (the backward is the same either way: a learned mask's straight-through

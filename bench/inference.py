@@ -76,7 +76,7 @@ def run(ctx: Context) -> Path:
                       config={"archs": list(archs), "work": "eval-mode forward under torch.inference_mode",
                               "learned_masks": "untrained: uniform random real-valued masks (seed 0), frozen to top-1"},
                       results=results, goals=[],
-                      notes=["no goal in issue 6 for inference; speed_vs_* are images/s ratios within one {D,w,C}",
+                      notes=["no benchmark goal for inference; speed_vs_* are images/s ratios within one {D,w,C}",
                              "pruned_vs_unpruned_max_abs_diff_fp32: eval logits of the pruned and unpruned model, 4 images"])
     table = [{"model": r["name"], "batch": r["batch"], "params": f"{r['params'] / 1e6:.3f}M",
               "flops": f"{r['flops_per_image'] / 1e9:.3f}G", "ms": fmt_num(r["median"] * 1e3),

@@ -1,4 +1,4 @@
-"""Mask-rule measurements (issue 10): which update rule really learns connectivity.
+"""Mask-rule measurements (docs/mask_rules.md; docs/design.md section 8): which update rule really learns connectivity.
 
 Two parts, each for every rule in ``maskconnect.mask_rules.MASK_RULES``:
 
@@ -22,7 +22,7 @@ Two parts, each for every rule in ``maskconnect.mask_rules.MASK_RULES``:
   Learned and of Fixed-Random at the same K (same seeds, same planted branches), Welch's t-test
   between them (scipy), and the saturation statistics at freezing.
 
-* ``schedule``: digits {20,4,8}, learned, through the suite's own ``train()``: the issue's run
+* ``schedule``: digits {20,4,8}, learned, through the suite's own ``train()``: the reported digits run
   (mask LR 1.0, 30 epochs, freezing at 15) and the paper-length equivalent. The paper's CIFAR joint
   phase is 150 epochs x 391 steps = 58,650 mask steps at LR 0.1, a summed mask LR of 5,865. The
   common-mode drift that saturates ``clip`` grows with the summed LR (steps x LR x mean gradient),

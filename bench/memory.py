@@ -1,4 +1,4 @@
-"""Memory kept for the backward pass: bytes per training image, exact and device-independent (issue 12).
+"""Memory kept for the backward pass: bytes per training image, exact and device-independent (docs/design.md section 10).
 
 One training-mode forward pass (fp32, NCHW, no autocast) runs under
 ``torch.autograd.graph.saved_tensors_hooks``; every tensor autograd saves is noted by its storage, and
@@ -44,7 +44,7 @@ CIFAR_K = 4
 EXTRA_IMAGENET = (("101,4,32", 16), ("101,4,64", 32))
 GPU_BYTES = 80 * 10**9  # "80 GB" as sold (H100/A100 80GB)
 
-# Issue 12: learned / full activation bytes per image, at most ~10% above the floor (one branch tensor
+# Goal: learned / full activation bytes per image, at most ~10% above the floor (one branch tensor
 # per masked module on top of ResNeXt's own tensors).
 GOAL_RATIO = {"29,64,8": 1.6, "20,4,8": 2.2, IMAGENET_ARCH: 7.5}
 
@@ -75,7 +75,7 @@ def _measure(cfg: Config, batch: int, ctx: Context, save_memory: bool | None) ->
     x_cpu = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size,
                         generator=torch.Generator().manual_seed(0))
     # exact count: fp32 NCHW on this device, no autocast (the same on every device). The plain path is
-    # measured as it was before issue 12, with grouped convolutions: the CPU's batched-matmul form of the
+    # measured as it was before the memory-saving path, with grouped convolutions: the CPU's batched-matmul form of the
     # grouped 1x1 convs would make autograd keep a per-image copy of their weights there.
     model_dev = model.to(ctx.device)
     as_matmul = kernels.current().grouped_1x1_as_matmul_on_cpu and save_memory is not False
@@ -86,7 +86,7 @@ def _measure(cfg: Config, batch: int, ctx: Context, save_memory: bool | None) ->
            "label": cfg.label, "config": cfg.as_dict(), "path": None if save_memory is None else ("saving" if save_memory else "plain"),
            "batch": batch, "saved_activation_bytes": s["activations"], "saved_parameter_bytes": s["parameters"],
            "saved_tensors": s["tensors"], "activation_bytes_per_image": per_image,
-           # the issue's own measure (every saved storage incl. parameters, at batch 2, / 2); batch-dependent
+           # the baseline measure (every saved storage incl. parameters, at batch 2, / 2); batch-dependent
            "issue_measure_bytes_per_image": (s["activations"] + s["parameters"]) / batch,
            "parameter_bytes": param_bytes,
            "batch_80gb_estimate": int((GPU_BYTES - 3 * param_bytes) // per_image),
@@ -158,10 +158,10 @@ def run(ctx: Context) -> Path:
                                                      "image): weights + gradients + momentum in fp32; an estimate"},
                       results=results, goals=goals,
                       notes=["activation_bytes_per_image excludes parameters (kept whatever the batch); "
-                             "issue_measure_bytes_per_image is issue 12's measure (parameters included, divided by "
-                             "the batch), kept to compare with the issue's baseline numbers",
+                             "issue_measure_bytes_per_image is the baseline measure (parameters included, divided by "
+                             "the batch), kept to compare with the baseline numbers",
                              "plain path: model.save_memory = False with grouped convolutions (the autograd graph "
-                             "before issue 12); saving path: the default training path",
+                             "before the memory-saving path); saving path: the default training path",
                              "the count is exact and the same on every device; only cuda_step_peak_bytes is "
                              "device-specific"],
                       extra={"memory": "autograd saved tensors (exact)" + (", cuda max_memory_allocated" if ctx.cuda else "")})
@@ -185,7 +185,7 @@ def _write_markdown(ctx: Context, rec: dict, path: Path) -> None:
              "Saved activation bytes per training image (autograd's saved tensors, distinct storages, fp32, "
              "parameters excluded); the 80 GB batch is floor((80e9 - 3 x parameter bytes) / bytes per image), "
              "an estimate.", "",
-             "| model | path | batch | saved MiB / image | vs full | issue's measure MiB / image | "
+             "| model | path | batch | saved MiB / image | vs full | baseline measure MiB / image | "
              "80 GB batch (est.) | fwd GFLOP / image |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rec["results"]:

@@ -1,7 +1,7 @@
 """The masked model written the obvious way -- a Python loop over branches -- against the vectorised
 :class:`maskconnect.models.MaskedResNeXt`, forward + backward.
 
-``naive_forward`` uses the masked model's own weights and computes the same function (design.md
+``naive_forward`` uses the masked model's own weights and computes the same function (docs/design.md
 section 3), in training mode too: per branch k a 1x1 conv, BN and ReLU on k's rows, the 3x3 conv on
 k's slice of the grouped weight, BN, ReLU, and the 1x1 conv to the module width; the last BN is shared
 by the branches of a module, so (as in training) its batch statistics are taken over all branches

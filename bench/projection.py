@@ -27,7 +27,7 @@ from maskconnect.io import atomic_write_text
 from .common import Context, finish, fmt_num, free_memory, make_record, measure, peak_tflops, result_row
 from .workloads import Config, achieved_tflops, flops_per_image, largest_batch, train_workload
 
-# The paper recipe (design.md section 6).
+# The paper recipe (docs/design.md section 6).
 RECIPE = {
     "cifar": {"train_images": 50000, "batch": 128, "epochs": 300},
     "imagenet": {"train_images": 1281167, "batch": 256, "epochs": 100},

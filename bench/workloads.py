@@ -17,7 +17,7 @@ from maskconnect.specs import ModelSpec, make_spec
 
 from .common import Context, Workload, free_memory, tensor_bytes
 
-# Weight decay of the two recipes (design.md section 6); the optimiser is otherwise the same.
+# Weight decay of the two recipes (docs/design.md section 6); the optimiser is otherwise the same.
 WEIGHT_DECAY = {"cifar": 5e-4, "imagenet": 1e-4}
 
 

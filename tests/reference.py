@@ -1,4 +1,4 @@
-"""Test-only references: a naive per-branch loop implementation of the masked model (design.md
+"""Test-only references: a naive per-branch loop implementation of the masked model (docs/design.md
 section 3, written the obvious way) and helpers that make eval-mode comparisons non-trivial."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/masks.py (issue 10's planted-connectivity and long-schedule benchmark): the pieces a
+"""bench/masks.py (the planted-connectivity and long-schedule benchmark of docs/mask_rules.md): the pieces a
 record depends on, on a short run."""
 
 import pytest

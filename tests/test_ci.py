@@ -1,4 +1,4 @@
-"""CI cannot go green by skipping (issue 18): `.ci/run` fails when the SLURM cluster of test_slurm.py
+"""CI cannot go green by skipping: `.ci/run` fails when the SLURM cluster of test_slurm.py
 cannot be installed, and tells the test to fail rather than skip; `scripts/setup.sh` fails when pip
 fails. Both scripts run here for real, in a scratch project, against stub commands (id, apt-get, the
 SLURM binaries, the venv's python, the test suite), so nothing is installed and no suite runs."""

@@ -1,4 +1,4 @@
-"""Faults around a run (issue 19): each bad case of the issue's table, run as a user would run it.
+"""Faults around a run: each bad case (concurrent writers, broken checkpoints, bad grids, bad output paths, a full disk, a dead tracking store), run as a user would run it.
 
 Each test asserts the exit code, that the message names the field or the file, that no traceback is
 printed, and that nothing is lost or mixed. The concurrent cases start real processes

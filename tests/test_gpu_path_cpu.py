@@ -1,4 +1,4 @@
-"""What a GPU runs, run on this CPU (issue 18, step 4).
+"""What a GPU runs, run on this CPU (docs/design.md section 10).
 
 On CUDA a masked model trains by default on the memory-saving path (``MaskedBlock.forward_saving``,
 ``kernels.saving``: :class:`_MixedInput`, :class:`_SharedBNTail`), whose explicit 1x1 backward

@@ -1,8 +1,8 @@
 """Mask update rules, mask statistics, seeded tie-breaking at freezing, and the mask columns of
-history.csv (issue 10). The identity share and the initial gamma of the shared last BN are in
+history.csv (docs/design.md sections 4, 8 and 11). The identity share and the initial gamma of the shared last BN are in
 tests/test_models.py.
 
-References here are computed from the definitions (design.md sections 3-4), never read back from the
+References here are computed from the definitions (docs/design.md sections 3, 4, 8 and 11), never read back from the
 attributes of the code under test.
 """
 

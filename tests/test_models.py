@@ -28,7 +28,7 @@ def paper_params(model: str, dataset: str = "cifar100") -> float:
     [
         ("29,64,8", paper_params("29,64,8"), 0.005),
         ("29,8,8", paper_params("29,8,8"), 0.04),
-        ("20,4,8", 0.28e6, 0.04),  # Fig. 3 model; 0.28M from the paper's text (design.md table)
+        ("20,4,8", 0.28e6, 0.04),  # Fig. 3 model; 0.28M from the paper's text (docs/design.md section 1)
     ],
 )
 def test_cifar100_params_match_paper(arch, paper, tol):
@@ -41,7 +41,7 @@ def test_cifar100_params_match_paper(arch, paper, tol):
     ("29,64,8", "cifar10", 34.43), ("29,8,8", "cifar10", 0.820), ("20,4,8", "cifar10", 0.250),
 ])
 def test_cifar_params_are_design_md_counts(arch, dataset, millions):
-    """design.md section 1's plain counts, as literals (the paper's own numbers differ by up to 4%):
+    """docs/design.md section 1's plain counts, as literals (the paper's own numbers differ by up to 4%):
     any change to the architecture rules shows up here, whatever the paper tolerance allows."""
     n = count_weights(build_model(make_spec(arch, dataset=dataset)))
     digits = 2 if millions > 10 else 3

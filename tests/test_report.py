@@ -361,7 +361,7 @@ def test_demo_dataset_is_labelled_as_not_evidence(tmp_path):
 
 
 def test_a_stage_width_other_than_the_papers_is_named_in_the_report(tmp_path):
-    # {20,4,8} is a paper model with stage width 64 (design.md); the demo grid runs it at 32
+    # {20,4,8} is a paper model with stage width 64 (docs/design.md section 1); the demo grid runs it at 32 (section 9)
     res = tmp_path / "results"
     for seed in range(2):
         write_run(res, "digits", "20,4,8", "full", 8, seed, 95.0 + seed, epochs=3, stage_width=32)

@@ -1,5 +1,5 @@
 """The report's mask-dynamics figure and its REPORT.md section: converged masks, saturated masks and
-unconverged runs are told apart from history.csv and metrics.json alone (issue 10)."""
+unconverged runs are told apart from history.csv and metrics.json alone (docs/design.md section 8)."""
 
 import json
 import math

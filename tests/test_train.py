@@ -1,4 +1,4 @@
-"""Training runs: the issue's digits run, resume after SIGKILL, determinism, errors, tracking."""
+"""Training runs: the reference digits run, resume after SIGKILL, determinism, errors, tracking."""
 
 import csv
 import json

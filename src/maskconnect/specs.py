@@ -26,7 +26,7 @@ DATASET_LAYOUTS = {
 # ImageNet depths -> modules per stage (ResNeXt-50 / -101).
 IMAGENET_STAGES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
-# Output width of the first stage, per named CIFAR spec (design.md section 1). The small models'
+# Output width of the first stage, per named CIFAR spec (docs/design.md section 1). The small models'
 # 64/128/256 widths are inferred from the paper's parameter counts; {29,64,8} is ResNeXt-29 8x64d.
 CIFAR_STAGE_WIDTH = {(20, 4, 8): 64, (29, 8, 8): 64, (29, 64, 8): 256}
 DEFAULT_CIFAR_STAGE_WIDTH = 64

@@ -3,7 +3,7 @@
 ``build_data(name, ...)`` returns a :class:`DataBundle` whose ``train_batches(epoch)`` and
 ``test_batches()`` yield ``(x, y)`` on the training device: ``x`` float32 NCHW normalised, ``y`` int64.
 
-Datasets and the choices made for each (see design.md section 6 for the protocol):
+Datasets and the choices made for each (see docs/design.md section 6 for the protocol):
 
 * ``digits`` -- scikit-learn's bundled 8x8 digits (1797 grey images, values 0..16, 10 classes; no
   download). Fixed stratified split, independent of the run seed: within each class, in the

@@ -31,7 +31,7 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 # 24% ({29,8,8}) and 40% ({29,64,8}) of the parameters at +0.39 and +0.03 points.
 PRUNE_MIN = 0.10  # at least 10% of the parameters removed
 NONINFERIORITY_MARGIN = 0.5  # lower end of the 95% CI of (K=1 - Fixed-Full) above -0.5 points
-CIFAR_EPOCHS = 300  # the ResNeXt CIFAR protocol (design.md section 6)
+CIFAR_EPOCHS = 300  # the ResNeXt CIFAR protocol (docs/design.md section 6)
 
 CLAIMS = {
     1: "Learned connectivity beats Fixed-Full (ResNeXt) at the same capacity",
@@ -164,7 +164,7 @@ def claim3(g: pd.DataFrame, dataset: str, model: str, C: int) -> Finding | None:
         return None
     series = {int(k): v["top1"].dropna() for k, v in learned.groupby("fan_in")}
     if C not in series and len(_vals(g, "full")):
-        series[C] = _vals(g, "full")  # K=C is ResNeXt (design.md section 2)
+        series[C] = _vals(g, "full")  # K=C is ResNeXt (docs/design.md section 2)
     ours = "; ".join(f"K={k}: {_iv(v)}" for k, v in sorted(series.items()))
     pk = {k: _pc(dataset, model, "learned", k) for k in range(1, C)}
     pk[C] = _pc(dataset, model, "full", C)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 # A learned configuration's masks "converged" when, at the end of the joint phase, the rows moved away
-# from uniform (entropy below 0.97 ln C, the bar), at most 10% of the rows still change their
+# from uniform (entropy below 0.97 ln C, the acceptance bar of docs/design.md section 8), at most 10% of the rows still change their
 # top-K set per epoch, and no row is tied at the K-th place.
 ENTROPY_BAR, CHANGED_BAR = 0.97, 0.10
 # A run's accuracy "converged" when test top-1 moved by at most this many points over the last epochs.

@@ -102,7 +102,7 @@ def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: s
 
 def live_branches(masks: list) -> list[list[bool]]:
     """Branches that survive pruning, from the output backwards: the last module's branches all
-    live; a branch lives if a live branch of the next module selects it (design.md section 5)."""
+    live; a branch lives if a live branch of the next module selects it (docs/design.md section 5)."""
     masks = [np.asarray(m, dtype=bool) for m in masks]
     C = masks[0].shape[1] if masks else 0
     live = [np.ones(C, dtype=bool)]

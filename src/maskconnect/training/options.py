@@ -32,7 +32,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-width", dest="stage_width", type=int, help="output width of stage 1 (default: the paper's)")
     g = p.add_argument_group("recipe (defaults from --recipe)")
     g.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
-                   help="paper: design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo/smoke: short CPU recipes")
+                   help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo/smoke: short CPU recipes")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch per process (global = this x processes)")
     g.add_argument("--lr", type=float, help="LR for --lr-reference-batch images; scaled linearly with the global batch")

@@ -19,7 +19,7 @@ from __future__ import annotations
 # ``mask_rule`` is how the real-valued masks are updated (connectivity.MASK_RULES). Every recipe uses
 # ``projected``, chosen by measurement (docs/mask_rules.md); ``--mask-rule clip`` reruns the literal reading.
 RECIPES: dict[str, dict] = {
-    # CIFAR: the paper's protocol (design.md section 6).
+    # CIFAR: the paper's protocol (docs/design.md section 6).
     "paper": dict(epochs=300, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, milestone_fracs=[0.5, 0.75], mask_rule="projected"),
     # ImageNet: the ResNeXt recipe (fb.resnet.torch): batch 256, LR 0.1 divided by 10 three times.
     # The paper gives no epoch count; we use 100 with drops at 30/60/90 (our choice).
