@@ -1,8 +1,10 @@
 """MaskConnect: connectivity learning in multi-branch networks (Ahmed & Torresani).
 
-Layers point one way: ``connectivity`` (masks, sampling, straight-through, pruning maths) <- ``models``
-<- ``train``/``evaluate`` <- ``cli`` <- pipelines and reports. mlflow, snakemake and dvc are imported
-only where used, so the model and training code run with torch alone.
+Layers point one way (README "Layout"; the design in docs/design.md): ``specs``, ``connectivity``
+(masks, sampling, straight-through, freezing) and ``mask_rules`` <- ``kernels`` (the same functions,
+faster or leaner) <- ``models`` (the architecture) <- ``training`` (logging to ``tracking``) <-
+``experiments`` (grids, paths, commands, dvc.yaml) <- ``report``, ``preflight`` <- ``cli``. mlflow,
+snakemake and dvc are imported only where used, so the model and training code run with torch alone.
 """
 
 __version__ = "0.1.0"
