@@ -24,7 +24,7 @@ NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_
 # run is the same run with or without --mask-rule clip (a grid's defaults may set mask_lr for every
 # entry, Fixed-Full ones included).
 LEARNED_ONLY = ("mask_lr", "mask_momentum", "mask_init", "mask_rule", "freeze_epoch")
-# The names of connectivity.MASK_RULES (a test checks they agree; connectivity imports torch).
+# The names of mask_rules.MASK_RULES (a test checks they agree; connectivity imports torch).
 MASK_RULE_NAMES = ("clip", "centred", "projected")
 
 
@@ -51,7 +51,7 @@ class TrainConfig:
     mask_lr: float | None = None            # default: the weight LR and its schedule
     mask_momentum: float = 0.0
     mask_init: float = 0.5
-    mask_rule: str | None = None            # how the real-valued masks are updated (connectivity.MASK_RULES); default: the recipe's
+    mask_rule: str | None = None            # how the real-valued masks are updated (mask_rules.MASK_RULES); default: the recipe's
     freeze_epoch: int | None = None         # default: the first LR drop
     stage_width: int | None = None
     augment: bool = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 # Milestones are fractions of the run's epochs (the paper's 150/225 of 300 are 0.5/0.75), so a
 # shortened run keeps the shape of the schedule; ``--milestones`` sets absolute epochs instead.
-# ``mask_rule`` is how the real-valued masks are updated (connectivity.MASK_RULES). Every recipe uses
+# ``mask_rule`` is how the real-valued masks are updated (mask_rules.MASK_RULES). Every recipe uses
 # ``projected``, chosen by measurement (docs/mask_rules.md); ``--mask-rule clip`` reruns the literal reading.
 RECIPES: dict[str, dict] = {
     # CIFAR: the paper's protocol (docs/design.md section 6).

@@ -67,7 +67,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
                precision: Precision, *, label_smoothing: float = 0.0,
                banks: list[MaskBank] | None = None, rule: MaskRule | str = DEFAULT_MASK_RULE) -> tuple[Tensor, Tensor]:
     """One SGD iteration: forward (one mask draw), backward, step, with the mask ``rule`` around the
-    step (connectivity.MASK_RULES: e.g. centre the mask gradient, then clip or project the masks).
+    step (mask_rules.MASK_RULES: e.g. centre the mask gradient, then clip or project the masks).
 
     ``banks``: the unfrozen mask banks (computed once per epoch by the caller; None looks them up).
     Returns (loss, number of correct predictions) as device tensors (no host sync).
