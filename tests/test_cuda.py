@@ -10,11 +10,12 @@ CUDA default) against the plain autograd path, and compiled against eager, compa
 steps, whose loss must fall at least half as far as the same steps in exact fp32 on the same device.
 """
 
-import contextlib
 import copy
 
 import pytest
 import torch
+
+from maskconnect.preflight.steps import exact_fp32  # TF32 off: fp32 means fp32
 
 from maskconnect.connectivity import param_groups
 from maskconnect.data import build_data
@@ -27,17 +28,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 C = 8
 # {20,4,8} at a small width: every kind of module (stem-fed, identity, projection, output node)
 SMALL = dict(dataset="cifar10", stage_width=16)
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """TF32 off for cuDNN convolutions and cuBLAS matmuls (restored after): fp32 means fp32."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _learned(k: int, device: str, channels_last: bool = False, arch: str = "20,4,8"):

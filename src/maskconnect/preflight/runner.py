@@ -14,6 +14,7 @@ import torch
 from .. import experiments as G
 from ..errors import ConfigError
 from ..io import atomic_write_json, atomic_write_text
+from ..training.device import resolve_device
 from ..specs import ModelSpec
 
 RECORD_VERSION = 1
@@ -85,25 +86,13 @@ def grid_device(grid: G.Grid) -> str:
     return "auto"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("device", name, "grid (the grid's device), auto, cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError("device", name, "grid (the grid's device), auto, cpu, cuda or cuda:N")
-    return dev
-
-
 def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = None, *,
                   compile: bool | None = None, ddp: bool = True, time_steps: int = 5) -> tuple[dict, int]:
     """Run every check for ``grid_ref`` on ``device``; write the record; return (record, exit code)."""
     from . import checks
 
     grid = G.load_grid(grid_ref)
-    dev = _device(grid_device(grid) if device == "grid" else device)
+    dev = resolve_device(grid_device(grid) if device == "grid" else device, require_available=False)
     out = Path(out) if out is not None else Path(DEFAULT_OUT) / grid.name
     _check_out(out)
     pf = Preflight(grid, dev, plan_runs(grid), out=out)

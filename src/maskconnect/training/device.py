@@ -41,8 +41,9 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
+def resolve_device(name: str = "auto", *, require_available: bool = True) -> torch.device:
+    """``auto`` is CUDA when available, else CPU. ``require_available=False`` accepts a CUDA device torch
+    cannot see (the preflight reports that as a failed check instead of a bad argument)."""
     from ..errors import ConfigError
 
     if name == "auto":
@@ -51,7 +52,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError("device", name, "auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cuda" and require_available and not torch.cuda.is_available():
         raise ConfigError("device", name, "a CUDA device, but torch sees no GPU here (use --device cpu or auto)")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError("device", name, "auto, cpu, cuda or cuda:N")
