@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from maskconnect.connectivity import freeze_masks
 from maskconnect.training.step import Precision
 from maskconnect.models import build_model
-from maskconnect.pruning import prune
+from maskconnect.models.pruning import prune
 
 from .common import Context, finish, make_record
 from .workloads import Config

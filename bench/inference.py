@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from maskconnect.connectivity import count_weights, freeze_masks
-from maskconnect.describe import count_flops
+from maskconnect.models.counting import count_flops
 from maskconnect.models import build_model
-from maskconnect.pruning import prune
+from maskconnect.models.pruning import prune
 
 from .common import Context, Workload, finish, fmt_bytes, fmt_num, free_memory, make_record, measure, result_row, tensor_bytes
 from .workloads import Config, random_batch

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from maskconnect import kernels
-from maskconnect.describe import count_flops, saved_bytes  # noqa: F401 (saved_bytes: re-exported)
+from maskconnect.models.counting import count_flops, saved_bytes  # noqa: F401 (saved_bytes: re-exported)
 from maskconnect.models import build_model
 
 from .common import Context, finish, fmt_num, free_memory, goal, make_record

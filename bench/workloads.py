@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from maskconnect.connectivity import param_groups
-from maskconnect.describe import count_flops
+from maskconnect.models.counting import count_flops
 from maskconnect.training.step import train_step
 from maskconnect.models import build_model
 from maskconnect.specs import ModelSpec, make_spec

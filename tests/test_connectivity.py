@@ -10,7 +10,7 @@ from maskconnect.connectivity import (
 )
 from maskconnect.mask_rules import clip_masks
 from maskconnect.models import MaskedResNeXt, build_model
-from maskconnect.pruning import load_pruned, prune, prune_report, save_pruned
+from maskconnect.models.pruning import load_pruned, prune, prune_report, save_pruned
 from maskconnect.specs import make_spec
 from reference import naive_masked_forward, randomize_bn
 

@@ -14,7 +14,7 @@ import bench  # the repository's bench/ package (tests/conftest.py puts the repo
 from bench.memory import saved_bytes
 from maskconnect.connectivity import freeze_masks
 from maskconnect.models import MaskedResNeXt, build_model
-from maskconnect.pruning import prune
+from maskconnect.models.pruning import prune
 from maskconnect.specs import make_spec
 
 C = 8

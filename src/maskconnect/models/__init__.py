@@ -5,6 +5,10 @@ connectivity (docs/design.md sections 1-3).
 * :mod:`.masked`: the masked model, its identity share and initialisation (:class:`MaskedResNeXt`,
   :class:`MaskedBlock`).
 * :mod:`.weights`: Fixed-Full weights into a masked model (:func:`load_full_weights`).
+* :mod:`.pruning`: the compact model without the branches nothing reads (docs/design.md section 5):
+  ``prune``, ``prune_report``, ``save_pruned``/``load_pruned``. It lives beside the masked model
+  because it copies a :class:`MaskedBlock`'s weights branch by branch.
+* :mod:`.counting`: what a model costs (FLOPs, bytes saved for the backward pass).
 
 How the layers are computed fast or with less memory is ``maskconnect.kernels``' business.
 """

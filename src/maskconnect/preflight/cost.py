@@ -4,7 +4,7 @@ Memory: one training step (the run's path and precision) at the grid's batch per
 * CUDA: ``torch.cuda.max_memory_allocated`` over the step, plus what the model, its gradients and
   SGD's momentum hold, against the GPU's total memory. An out-of-memory error is a measurement too:
   the check fails, and the largest batch that fits is found by halving.
-* CPU: the bytes autograd keeps for the backward pass (``describe.saved_bytes``, exact) plus 3 x the
+* CPU: the bytes autograd keeps for the backward pass (``models.counting.saved_bytes``, exact) plus 3 x the
   parameter bytes, against the machine's physical memory.
 
 Time: the median of a few timed training steps (after warm-up steps; CUDA synchronised) and of
@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..connectivity import param_groups
-from ..describe import saved_bytes
+from ..models.counting import saved_bytes
 from ..training.step import Precision, train_step
 from ..models import build_model
 

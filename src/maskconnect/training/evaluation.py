@@ -16,9 +16,9 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
 
     from ..connectivity import count_weights
     from ..data import build_data
-    from ..describe import count_flops
+    from ..models.counting import count_flops
     from ..models import build_model
-    from ..pruning import load_pruned
+    from ..models.pruning import load_pruned
     from .config import TrainConfig
     from .device import resolve_device
     from .rundir import CHECKPOINT

@@ -292,8 +292,8 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
                device: torch.device, out: Path) -> dict:
     """The end of the run: freeze (if the joint phase ran to the end), prune, count parameters and FLOPs,
     and write masks.json, pruned.pt and metrics.json (last: its presence means the run is complete)."""
-    from ..describe import count_flops
-    from ..pruning import prune, prune_report, save_pruned
+    from ..models.counting import count_flops
+    from ..models.pruning import prune, prune_report, save_pruned
 
     model.eval()
     if spec.connectivity == "learned" and not masks_frozen(model):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .connectivity import FixedMasks, count_mask_entries, count_weights, live_branches, mask_banks
-from .models import MaskedBlock, MaskedResNeXt
+from ..connectivity import FixedMasks, count_mask_entries, count_weights, live_branches, mask_banks
+from .masked import MaskedBlock, MaskedResNeXt
 
 
 def _rows(live: Tensor, per: int) -> Tensor:
@@ -94,7 +94,7 @@ def prune_report(model: nn.Module) -> dict:
 
 def save_pruned(path, compact: MaskedResNeXt) -> None:
     """Save a compact model as its spec, branch counts and state dict (loadable with :func:`load_pruned`)."""
-    from .io import atomic_torch_save
+    from ..io import atomic_torch_save
 
     atomic_torch_save(path, {"spec": compact.spec.to_dict(), "branches": compact.branches,
                              "mask_shapes": [list(m.shape) for m in compact.masks()],
@@ -102,7 +102,7 @@ def save_pruned(path, compact: MaskedResNeXt) -> None:
 
 
 def load_pruned(path, map_location="cpu") -> MaskedResNeXt:
-    from .specs import ModelSpec
+    from ..specs import ModelSpec
 
     blob = torch.load(path, map_location=map_location, weights_only=True)
     spec = ModelSpec(**blob["spec"])
