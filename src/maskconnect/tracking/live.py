@@ -117,7 +117,6 @@ class Tracker:
             self.failed = True
             store.warn_missing_once()
             return
-        store.tame_http_retries(self.uri)
         flat = flatten_params(params or {})
         all_tags = clean_tags({**_env_tags(), **dict(tags or {}), runs.RUN_DIR_TAG: runs.run_dir_key(self.run_dir)})
 

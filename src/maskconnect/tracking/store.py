@@ -1,18 +1,8 @@
 """The MLflow store: its URI, creating it once, and what a store that fails may cost.
 
-The default store is ``sqlite:///<project>/results/mlflow.db`` (never the ``./mlruns`` file store);
-experiments created here keep their artifacts next to the database, in
-``results/mlartifacts/<experiment>`` (MLflow would put them under ``./mlruns``). A fresh sqlite store
-is created under an inter-process file lock, so parallel jobs do not race on MLflow's schema migration.
-
-A store that cannot be written costs a run seconds, not minutes: one budget per run
-(``TRACKING_BUDGET_S``, 30 s: failed calls and the sleeps between retries). MLflow retries what it
-knows how to retry, with its own settings: HTTP requests (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
-``..._BACKOFF_FACTOR``, ``..._TIMEOUT``, bounded here unless the user set them) and sqlite's busy wait
-(its ``PRAGMA busy_timeout`` of 20 s). We retry only a sqlite 'database is locked' that outlived that
-wait. A sqlite store that cannot be written (a read-only directory or file system, a file that is not
-a database) is found before MLflow is asked, in milliseconds (MLflow would retry creating its engine
-for about 100 s).
+The default store is ``sqlite:///<project>/results/mlflow.db``, with the artifacts of experiments
+created here in ``results/mlartifacts/<experiment>``. The 30 s failure budget, what MLflow retries
+itself and what is retried here are described in docs/run_format.md ("Tracking (MLflow)").
 """
 
 from __future__ import annotations
@@ -28,15 +18,15 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..errors import MaskConnectError, TrackingError
+from .values import key
 
 log = logging.getLogger("maskconnect.tracking")
 
 ARTIFACT_DIR = "mlartifacts"  # next to a sqlite store
 TRACKING_BUDGET_S = 30.0  # seconds a run (or a track command) may lose to a store that fails
-_BAD_NAME_CHARS = re.compile(r"[^\w\-. /:]")
 
 _MISSING_WARNED = False
 _READY_URIS: set[str] = set()
@@ -70,10 +60,8 @@ def warn_missing_once() -> None:
 # --- URIs ----------------------------------------------------------------------------------------
 
 def default_tracking_uri(project_root: Path | str | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/results/mlflow.db``.
-
-    ``root`` is ``project_root`` or the current working directory (made absolute).
-    """
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/results/mlflow.db`` (root: ``project_root``
+    or the current directory, made absolute)."""
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
@@ -96,23 +84,13 @@ def normalise_uri(uri: str | None) -> str:
     uri = uri or default_tracking_uri()
     path = sqlite_path(uri)
     if path is not None:
-        query = uri.split("?", 1)[1] if "?" in uri else ""
-        uri = f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
+        _, sep, query = uri.partition("?")
+        uri = f"sqlite:///{path.as_posix()}{sep}{query}"
     return uri
 
 
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
-
-
-def tame_http_retries(uri: str) -> None:
-    # MLflow's own HTTP retries default to 7 tries with backoff factor 2 and a 120 s timeout (minutes
-    # against a dead server). They are the only retries of an HTTP store; bound them so that one call
-    # costs at most about 3 x 5 s + 2 s (a server that does not answer), unless the user chose values.
-    if is_http(uri):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -160,61 +138,54 @@ def _check_sqlite_store(uri: str) -> None:
         con.close()
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Inter-process lock (POSIX ``flock``) around the creation of a sqlite store."""
+def _store_lock(uri: str):
+    """An inter-process lock around creating a sqlite store (MLflow migrates a fresh tracking database
+    without one, so parallel jobs would race on its schema); none where the lock file cannot be written."""
     path = sqlite_path(uri)
-    handle = None
-    if path is not None:
-        try:
-            import fcntl
+    lock = Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{hashlib.sha1(str(path).encode()).hexdigest()[:16]}.lock"
+    if path is None or os.name == "nt" or not os.access(lock if lock.exists() else lock.parent, os.W_OK):
+        return contextlib.nullcontext()
+    from mlflow.utils.file_utils import ExclusiveFileLock
 
-            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-            handle = open(Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock", "a")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            if handle is not None:
-                handle.close()
-            handle = None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.close()  # releases the flock
+    return ExclusiveFileLock(str(lock))
 
 
 def client(uri: str):
-    """An ``MlflowClient`` for ``uri``; the first use per process creates the store under a lock."""
+    """An ``MlflowClient`` for ``uri``; the first use per process creates the store under a lock.
+
+    An HTTP store is retried by MLflow alone (7 tries, backoff factor 2 and a 120 s timeout by
+    default: minutes against a dead server); these are bounded to 2 retries, backoff 1 and 5 s unless
+    the user chose values, so that one call costs at most about 20 s.
+    """
     from mlflow import MlflowClient
 
+    if is_http(uri):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with _READY_LOCK:
         if uri in _READY_URIS:
-            return MlflowClient(tracking_uri=uri)
+            return MlflowClient(tracking_uri=uri)  # MLflow caches the store per URI
         _check_sqlite_store(uri)
         with _store_lock(uri):
             c = MlflowClient(tracking_uri=uri)  # builds the store (runs migrations if fresh)
-            c.search_experiments(max_results=1)
+            c.search_experiments(max_results=1)  # reaches an HTTP store
         _READY_URIS.add(uri)
         return c
 
 
-def ensure_store(uri: str | None = None, *, strict: bool = False, retries: int = 5,
-                 backoff: float = 0.5, budget_s: float | None = None) -> str:
-    """Create the tracking store (database and schema) once, before parallel jobs start.
-
-    Returns the (normalised) URI. Failures (and a missing mlflow) are a :class:`TrackingWarning`
-    unless ``strict``, when they raise :class:`TrackingError` (one line). At most ``budget_s``
-    (default ``TRACKING_BUDGET_S``) is spent on failures.
-    """
+def ensure_store(uri: str | None = None, *, strict: bool = False) -> str:
+    """Create the tracking store (database and schema) once, before parallel jobs start; returns the
+    normalised URI. Failures (and a missing mlflow) are a :class:`TrackingWarning`, unless ``strict``:
+    then they raise a one-line :class:`TrackingError`."""
     uri = normalise_uri(uri)
     if not have_mlflow():
         if strict:
             raise MaskConnectError("mlflow is not installed (pip install 'maskconnect[track]')")
         warn_missing_once()
         return uri
-    tame_http_retries(uri)
     try:
-        retry(lambda: client(uri), retries=retries, backoff=backoff, budget=Budget(budget_s), http=is_http(uri))
+        retry(lambda: client(uri), budget=Budget(), http=is_http(uri))
     except Exception as e:
         if strict:
             raise as_tracking_error(e, uri) from None
@@ -237,9 +208,8 @@ def experiment_id(c, uri: str, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is None:
         db = sqlite_path(uri)
-        safe = "/".join(_BAD_NAME_CHARS.sub("_", p) for p in name.split("/") if p not in ("", ".", ".."))
         try:
-            return c.create_experiment(name, artifact_location=None if db is None else str(db.parent / ARTIFACT_DIR / (safe or "default")))
+            return c.create_experiment(name, artifact_location=None if db is None else str(db.parent / ARTIFACT_DIR / key(name)))
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS" or (exp := c.get_experiment_by_name(name)) is None:
                 raise
@@ -273,16 +243,14 @@ def _is_transient(e: BaseException) -> bool:
     """A sqlite 'database is locked' (or busy) that outlived MLflow's busy wait: the one failure that
     MLflow does not retry itself and that another try can fix."""
     text = str(e).lower()
-    if "locked" not in text and "busy" not in text:
-        return False
-    return getattr(e, "error_code", None) in (None, "TEMPORARILY_UNAVAILABLE") or "locked" in text
+    return "locked" in text or ("busy" in text and getattr(e, "error_code", None) in (None, "TEMPORARILY_UNAVAILABLE"))
 
 
 def retry(fn: Callable[[], Any], *, retries: int = 5, backoff: float = 0.5,
           max_sleep: float = 8.0, budget: Budget | None = None, http: bool = False) -> Any:
     """Call ``fn``; on a transient error (:func:`_is_transient`) sleep ``backoff * 2**i`` (with jitter)
     and try again, at most ``retries`` tries in all and never past ``budget`` (failed calls and sleeps
-    count against it). ``http``: no retries here, MLflow's HTTP client retries (:func:`tame_http_retries`).
+    count against it). ``http``: no retries here, MLflow's HTTP client retries (see :func:`client`).
     """
     tries = 1 if http else max(1, int(retries))
     for attempt in range(tries):

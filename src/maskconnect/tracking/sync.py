@@ -90,7 +90,6 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
     if not store.have_mlflow():
         raise MaskConnectError("mlflow is not installed (pip install 'maskconnect[track]')")
     uri = store.normalise_uri(uri)
-    store.tame_http_retries(uri)
     metrics = _read_json(run_dir / "metrics.json")
     history = _read_history(run_dir / "history.csv")
     record = runs.read_run_file(run_dir)
