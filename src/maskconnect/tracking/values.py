@@ -1,14 +1,13 @@
-"""What goes into MLflow: a config as params, the numbers of a row as metrics, tags.
+"""What goes into MLflow: a config as params, the numbers of a row as metrics, tags. mlflow-free.
 
-Keys are made valid MLflow names here (MLflow refuses an invalid or over-long key); over-long param
-and tag values are MLflow's to truncate (``MLFLOW_TRUNCATE_LONG_VALUES``, on by default: params at
-6,000 characters, tags at 8,000). mlflow-free.
+Keys are made valid MLflow names here (MLflow refuses an invalid or over-long key, it does not fix
+one). Values are MLflow's to clean: it truncates over-long param and tag values
+(``MLFLOW_TRUNCATE_LONG_VALUES``) and stores NaN and infinite metrics.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -33,11 +32,6 @@ def _stringify(v: Any) -> str:
             return json.dumps(v, default=str, separators=(",", ":"))
         except (TypeError, ValueError):
             return str(v)
-    if hasattr(v, "item") and not isinstance(v, (int, float, bool)):
-        try:
-            return str(v.item())
-        except Exception:
-            pass
     return str(v)
 
 
@@ -58,31 +52,17 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def number(v: Any) -> float | None:
-    """A finite-or-NaN float for a numeric value (numbers, numpy/torch scalars, numeric strings), else None."""
-    if hasattr(v, "item") and not isinstance(v, (int, float, str)):
-        try:
-            v = v.item()
-        except Exception:  # not a scalar
-            return None
-    if isinstance(v, (int, float)):
+    """A float for a numeric value (numbers, numpy/torch scalars, numeric strings), else None."""
+    try:
         return float(v)
-    if isinstance(v, str) and v.strip():
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
+    except (TypeError, ValueError):
+        return None
 
 
 def numeric_items(row: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, float]:
-    """The numeric (not infinite) values of ``row`` under valid keys."""
+    """The numeric values of ``row`` under valid keys."""
     skip = set(skip)
-    out = {}
-    for k, v in row.items():
-        x = None if k in skip else number(v)
-        if x is not None and not math.isinf(x):
-            out[key(k)] = x
-    return out
+    return {key(k): x for k, v in row.items() if k not in skip and (x := number(v)) is not None}
 
 
 def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
