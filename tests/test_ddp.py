@@ -25,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = Path(__file__).resolve().parent / "train_hooks.py"
 WORLD = 2
-BATCH = 48  # per process, given explicitly: global batch 96, not the demo recipe's 64
+BATCH = 48  # per process, given explicitly: global batch 96, not the smoke recipe's 64
+# The smoke recipe: mask LR = the weight LR, masks frozen at the first LR drop (after epoch 1 of 2)
 ARGS = ["--dataset", "digits", "--arch", "11,2,4", "--stage-width", "8", "--connectivity", "learned", "--fan-in", "2",
-        "--epochs", "2", "--seed", "3", "--batch-size", str(BATCH), "--device", "cpu", "--no-track", "--progress", "none"]
+        "--recipe", "smoke", "--epochs", "2", "--seed", "3", "--batch-size", str(BATCH), "--device", "cpu", "--no-track", "--progress", "none"]
 
 
 def _torchrun(out: Path, *hook_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -110,12 +111,12 @@ def test_shards_split_every_global_batch_exactly(recorded):
 
 def test_lr_with_explicit_batch_size_follows_the_documented_rule(recorded):
     """README: --batch-size is per process; lr x global_batch / lr_reference_batch, the reference
-    being the recipe's batch (demo: LR 0.1 for 64 images)."""
+    being the recipe's batch (smoke: LR 0.1 for 64 images)."""
     from maskconnect.training.schedule import RECIPES
 
     run, rec = recorded
-    demo = RECIPES["demo"]
-    want = demo["lr"] * BATCH * WORLD / demo["batch_size"]
+    recipe = RECIPES["smoke"]
+    want = recipe["lr"] * BATCH * WORLD / recipe["batch_size"]
     assert want == pytest.approx(0.15)
     rows = _history(run)
     assert float(rows[0]["lr"]) == pytest.approx(want) and float(rows[1]["lr"]) == pytest.approx(want * 0.1)
@@ -125,7 +126,7 @@ def test_lr_with_explicit_batch_size_follows_the_documented_rule(recorded):
         assert all(s["lr"]["weights"] == pytest.approx(want * 0.1) for s in rec[r][steps:])
         assert rec[r][0]["lr"]["masks"] == pytest.approx(want)  # masks: the weight LR unless --mask-lr
     config = json.loads((run / "config.json").read_text())
-    assert config["batch_size"] == BATCH and config["lr_reference_batch"] == demo["batch_size"]
+    assert config["batch_size"] == BATCH and config["lr_reference_batch"] == recipe["batch_size"]
 
 
 def test_resume_under_torchrun_after_a_kill(recorded, tmp_path):

@@ -8,6 +8,7 @@ End-to-end runs are in test_pipeline_e2e.py (marked slow).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -156,6 +157,24 @@ def test_demo_grid_has_every_result_kind():
     k = {c: sorted({r.fan_in for r in demo.runs if r.connectivity == c}) for c in ("full", "random", "learned")}
     assert k["full"] == [8] and len(k["random"]) >= 2 and len(k["learned"]) >= 3  # a fan-in sweep
     assert {r.seed for r in demo.runs} == {0, 1, 2}
+
+
+def test_the_demo_grid_runs_the_demo_recipe_as_it_is():
+    """The demo's schedule has one home, the demo recipe: the grid sets no schedule field, and each of its
+    runs resolves to the recipe's epochs, LR drops, mask LR and freeze epoch (what `maskconnect train`
+    runs by default)."""
+    from maskconnect.training.config import TrainConfig, config_from_args
+    from maskconnect.training.options import add_train_arguments
+
+    schedule = {"epochs", "batch_size", "lr", "lr_reference_batch", "momentum", "weight_decay", "milestones",
+                "gamma", "mask_lr", "mask_momentum", "mask_rule", "freeze_epoch"}
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert parser.get_default("recipe") == "demo" and TrainConfig.__dataclass_fields__["recipe"].default == "demo"
+    for run in G.load_grid("demo").runs:
+        assert run.recipe == "demo" and not schedule & dict(run.train).keys(), run.run_id
+        c = config_from_args(parser.parse_args([*run.train_args(), "--out", "x"])).resolved()
+        assert (c.epochs, c.milestones, c.freeze_epoch, c.mask_lr) == (18, [9, 14], 10, 2.0), run.run_id
 
 
 def test_run_id_and_run_dir_are_the_one_spelling():

@@ -31,7 +31,7 @@ def test_issue_digits_learned_run(tmp_path):
     out = tmp_path / "run"
     t0 = time.perf_counter()
     code = main(["train", "--dataset", "digits", "--arch", "20,4,8", "--connectivity", "learned", "--fan-in", "4",
-                 "--epochs", "3", "--seed", "0", "--out", str(out), "--no-track", "--progress", "none"])
+                 "--recipe", "smoke", "--epochs", "3", "--seed", "0", "--out", str(out), "--no-track", "--progress", "none"])
     elapsed = time.perf_counter() - t0
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -210,20 +210,39 @@ def test_torchrun_two_processes_cpu(tmp_path):
     out = tmp_path / "ddp"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                         "--master_port", str(port), "-m", "maskconnect", "train", *TINY, "--connectivity", "learned",
-                        "--fan-in", "2", "--epochs", "2", "--device", "cpu", "--out", str(out)],
+                        "--fan-in", "2", "--recipe", "smoke", "--epochs", "2", "--device", "cpu", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = _history(out)
     assert [row["phase"] for row in rows] == ["joint", "finetune"]
-    assert float(rows[0]["lr"]) == pytest.approx(0.2)  # demo LR 0.1 for batch 64; global batch 2 x 64
+    assert float(rows[0]["lr"]) == pytest.approx(0.2)  # smoke LR 0.1 for batch 64; global batch 2 x 64
     assert json.loads((out / "metrics.json").read_text())["status"] == "complete"
 
 
 def test_masks_freeze_at_the_first_lr_drop_whatever_the_order(tmp_path):
     from maskconnect.training.config import TrainConfig
 
-    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=10, milestones=[8, 3]).resolved()
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=10, milestones=[8, 3],
+                    recipe="smoke").resolved()
     assert c.milestones == [3, 8] and c.freeze_epoch == 3
+    for recipe in ("paper", "paper-imagenet"):
+        c = TrainConfig(dataset="cifar100", arch="29,8,8", connectivity="learned", fan_in=4, recipe=recipe).resolved()
+        assert c.freeze_epoch == c.milestones[0] and c.mask_lr is None  # the paper: masks follow the weight LR
+
+
+def test_the_demo_recipe_is_the_demo_schedule_one_settling_epoch_after_the_drop():
+    """The demo recipe carries the demo grid's schedule (docs/design.md section 9): 18 epochs, LR /10 after
+    9 and 14, mask LR 2.0, masks frozen one epoch after the first drop; a shorter run keeps its shape."""
+    from maskconnect.training.config import TrainConfig
+
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2).resolved()
+    assert (c.epochs, c.milestones, c.freeze_epoch, c.mask_lr) == (18, [9, 14], 10, 2.0)
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=6).resolved()
+    assert (c.milestones, c.freeze_epoch) == ([3, 4], 4)
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, epochs=2).resolved()
+    assert (c.milestones, c.freeze_epoch) == ([1], 2)  # never past the end of the run
+    c = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=2, freeze_epoch=3, mask_lr=0.5).resolved()
+    assert (c.freeze_epoch, c.mask_lr) == (3, 0.5)  # given values win over the recipe's
 
 
 def test_run_files_are_readable_by_others(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError
 from ..specs import ModelSpec, make_spec
-from .schedule import RECIPES, default_freeze_epoch, recipe_milestones
+from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_uri", "track", "compile", "progress"}
@@ -48,11 +48,11 @@ class TrainConfig:
     milestones: list[int] | None = None
     gamma: float = 0.1
     label_smoothing: float = 0.0
-    mask_lr: float | None = None            # default: the weight LR and its schedule
+    mask_lr: float | None = None            # default: the recipe's (None: the weight LR and its schedule)
     mask_momentum: float = 0.0
     mask_init: float = 0.5
     mask_rule: str | None = None            # how the real-valued masks are updated (mask_rules.MASK_RULES); default: the recipe's
-    freeze_epoch: int | None = None         # default: the first LR drop
+    freeze_epoch: int | None = None         # default: the first LR drop (+ the recipe's settle_epochs)
     stage_width: int | None = None
     augment: bool = True
     amp: bool | None = None                 # bf16 autocast; None: the device's default (CUDA on, CPU off)
@@ -74,9 +74,9 @@ class TrainConfig:
         r = RECIPES[self.recipe]
         c = TrainConfig(**asdict(self))
         c.out = check_out(c.out)
-        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "mask_rule"):
+        for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "mask_rule", "mask_lr"):
             if getattr(c, name) is None:
-                setattr(c, name, r[name])
+                setattr(c, name, recipe_value(c.recipe, name))
         if c.lr_reference_batch is None:
             c.lr_reference_batch = c.batch_size if self.batch_size is None or self.lr is not None else r["batch_size"]
         if c.eval_batch_size is None:
@@ -129,7 +129,7 @@ class TrainConfig:
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
         c.fan_in = spec.fan_in
         if c.freeze_epoch is None:
-            c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs)
+            c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs, recipe_value(c.recipe, "settle_epochs"))
         if not (isinstance(c.freeze_epoch, int) and 0 <= c.freeze_epoch <= c.epochs):
             raise ConfigError("freeze_epoch", c.freeze_epoch, f"an epoch in 0..epochs={c.epochs} (masks are learned before it)")
         if c.progress not in ("auto", "bar", "lines", "none"):

@@ -32,7 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-width", dest="stage_width", type=int, help="output width of stage 1 (default: the paper's)")
     g = p.add_argument_group("recipe (defaults from --recipe)")
     g.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
-                   help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo/smoke: short CPU recipes")
+                   help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo: the demo grid's digits schedule "
+                        "(18 epochs, mask LR 2.0, masks frozen after epoch 10; section 9); smoke: tests")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch per process (global = this x processes)")
     g.add_argument("--lr", type=float, help="LR for --lr-reference-batch images; scaled linearly with the global batch")
@@ -43,8 +44,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="epochs at which the LR is divided by 10, e.g. 150,225 (default: recipe fractions of --epochs)")
     g.add_argument("--freeze-epoch", dest="freeze_epoch", type=int,
-                   help="epoch after which learned masks are frozen to top-K (default: the first LR drop)")
-    g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks (default: the weight LR and schedule)")
+                   help="epoch after which learned masks are frozen to top-K (default: the first LR drop; demo: one epoch later)")
+    g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks, following the weight LR's drops (default: the recipe's; "
+                        "demo 2.0, the others the weight LR)")
     g.add_argument("--mask-init", dest="mask_init", type=float, help="initial value of the real-valued masks (default 0.5)")
     g.add_argument("--mask-rule", dest="mask_rule", metavar="NAME",
                    help="how the real-valued masks are updated (default: the recipe's, projected for every recipe): projected (rows projected onto "
