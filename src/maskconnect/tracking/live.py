@@ -1,11 +1,10 @@
 """The MLflow mirror of a run while it trains (:class:`Tracker`).
 
-It never raises into the training loop. Where mlflow is not installed it is a no-op with one
+It never raises into the training loop. Without mlflow it is a no-op with one
 :class:`~.store.TrackingWarning` per process. When a call fails for good, or the run's budget
 (:class:`~.store.Budget`) is spent, it emits ONE warning naming ``maskconnect track sync`` and turns
-itself off for the rest of the run; ``track sync`` repairs the mirror afterwards. A second Tracker on
-the same directory (a resumed run) continues the MLflow run recorded in ``mlflow_run.json``; a run
-that restarts a directory from scratch passes ``resume=False``.
+itself off for the rest of the run. A Tracker on a directory that was tracked before (a resumed run)
+continues the MLflow run recorded in ``mlflow_run.json``, unless ``resume=False``.
 """
 
 from __future__ import annotations
@@ -51,12 +50,8 @@ def _never_raises(method: Callable) -> Callable:
 
 
 class Tracker:
-    """MLflow mirror of one training run; every method is a no-op on failure (one warning).
-
-    ``retries``/``backoff`` bound the retries of a sqlite 'database is locked' (default: 5 tries,
-    sleeps of about 0.5, 1, 2 and 4 s); ``budget_s`` (default ``TRACKING_BUDGET_S``, 30 s) bounds the
-    time the whole run may lose to failures.
-    """
+    """MLflow mirror of one training run. ``retries``/``backoff``: those of a locked sqlite store
+    (:func:`~.store.retry`); ``budget_s``: the run's failure budget (default ``TRACKING_BUDGET_S``)."""
 
     def __init__(self, run_dir: Path | str, *, experiment: str, run_name: str,
                  uri: str | None = None, enabled: bool = True, resume: bool = True,
@@ -73,7 +68,6 @@ class Tracker:
         self.run_id: str | None = None
         self.failed = False
         self._warned = False
-        self._mlflow = None
         self._steps: dict[str, set[int]] = {}
         self._last_step: int | None = None
 
@@ -102,11 +96,6 @@ class Tracker:
                        f"({type(e).__name__}: {store.short(e)}); training goes on. Once the store works, catch up with: "
                        f"maskconnect track sync {shlex.quote(str(self.run_dir))}{at}")
 
-    def _client(self):
-        if self._mlflow is None:
-            self._mlflow = store.client(self.uri)
-        return self._mlflow
-
     @_never_raises
     def start(self, params: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
         """Create the MLflow run (or continue the one recorded in ``run_dir/mlflow_run.json``),
@@ -121,18 +110,17 @@ class Tracker:
         all_tags = clean_tags({**_env_tags(), **dict(tags or {}), runs.RUN_DIR_TAG: runs.run_dir_key(self.run_dir)})
 
         def go() -> None:
-            client = self._client()
+            client = store.client(self.uri)
             run = runs.existing_run(client, self.run_id)  # a retry after create_run succeeded
             if run is None and self.resume:
                 entry = runs.run_entry(runs.read_run_file(self.run_dir), self.uri)
                 run = runs.existing_run(client, entry and entry.get("run_id"))
-            if run is not None:
-                self._steps = runs.metric_steps(client, run)
-                client.update_run(run.info.run_id, status="RUNNING")
-            else:
+            if run is None:
                 exp_id = store.experiment_id(client, self.uri, self.experiment)
                 run = client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
-                self._steps = {}
+            else:
+                client.update_run(run.info.run_id, status="RUNNING")
+            self._steps = runs.metric_steps(client, run)
             self.run_id = run.info.run_id
             self._last_step = max((max(s) for s in self._steps.values() if s), default=None)
             runs.write_run_file(self.run_dir, self.uri, {
@@ -152,7 +140,7 @@ class Tracker:
         self._last_step = step if self._last_step is None else max(self._last_step, step)
         points = runs.metric_points(numeric_items(row, skip=("epoch",)), step, self._steps, int(time.time() * 1000))
         if points:
-            self._guard(f"log_epoch(step={step})", lambda: runs.log_batch(self._client(), self.run_id, metrics=points))
+            self._guard(f"log_epoch(step={step})", lambda: runs.log_batch(store.client(self.uri), self.run_id, metrics=points))
 
     @_never_raises
     def finish(self, metrics: Mapping[str, Any], artifacts: Iterable[Path | str] = (),
@@ -165,7 +153,7 @@ class Tracker:
         step = runs.final_step(metrics, self._last_step)
         points = runs.metric_points(final_metrics(metrics), step, self._steps, int(time.time() * 1000))
         if points:
-            self._guard("finish (metrics)", lambda: runs.log_batch(self._client(), self.run_id, metrics=points))
+            self._guard("finish (metrics)", lambda: runs.log_batch(store.client(self.uri), self.run_id, metrics=points))
         for f in [Path(a) for a in artifacts if Path(a).is_file()]:
-            self._guard(f"finish (artifact {f.name})", lambda f=f: self._client().log_artifact(self.run_id, str(f)))
-        self._guard("finish (status)", lambda: self._client().set_terminated(self.run_id, status=status))
+            self._guard(f"finish (artifact {f.name})", lambda f=f: store.client(self.uri).log_artifact(self.run_id, str(f)))
+        self._guard("finish (status)", lambda: store.client(self.uri).set_terminated(self.run_id, status=status))

@@ -75,14 +75,10 @@ def existing_run(client, run_id: str | None):
 def find_run_by_tag(client, run_dir: str):
     """The newest active run tagged ``maskconnect.run_dir == run_dir`` in any active experiment."""
     from mlflow.entities import ViewType
+    from mlflow.utils import get_results_from_paginated_fn
 
-    exp_ids, token = [], None
-    while True:
-        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-        exp_ids += [e.experiment_id for e in page]
-        token = getattr(page, "token", None)
-        if not token:
-            break
+    exp_ids = [e.experiment_id for e in get_results_from_paginated_fn(
+        lambda n, token: client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=n, page_token=token), 1000)]
     best = None
     for i in range(0, len(exp_ids), 100):
         chunk = exp_ids[i:i + 100]
@@ -101,15 +97,11 @@ def find_run_by_tag(client, run_dir: str):
 
 def metric_steps(client, run) -> dict[str, set[int]]:
     """``{key: {steps already logged}}`` for every metric of ``run``."""
-    if run is None:
-        return {}
     return {k: {m.step for m in client.get_metric_history(run.info.run_id, k)} for k in run.data.metrics}
 
 
 def new_params(run, params: Mapping[str, str]) -> dict[str, str]:
     """The params not yet on ``run`` (MLflow params are immutable: changed values are skipped)."""
-    if run is None:
-        return dict(params)
     have = run.data.params
     changed = [k for k, v in params.items() if k in have and have[k] != v]
     if changed:

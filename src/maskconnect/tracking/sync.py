@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ..errors import MaskConnectError, RunDirError
 from . import runs, store
-from .values import clean_tags, final_metrics, flatten_params, key, number, numeric_items, run_tags
+from .values import clean_tags, final_metrics, flatten_params, number, numeric_items, run_tags
 
 SYNC_ARTIFACTS = ("config.json", "history.csv", "metrics.json", "masks.json")
 REPORT_TAG = "maskconnect.report_dir"
@@ -73,13 +73,10 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
                  retries: int = 5, backoff: float = 0.5, budget_s: float | None = None) -> str:
     """Mirror a run directory into MLflow, idempotently; returns the MLflow run id.
 
-    Logs config.json (flattened params), every history.csv row (metrics at step = epoch), the final
-    metrics.json values (at step = epochs), tags (git commit, torch version, device, seed, status,
-    run dir) and the artifacts config.json, history.csv, metrics.json, masks.json. The run is the
-    one named in ``mlflow_run.json`` for this store, else the newest run tagged with this directory,
-    else a new one in ``experiment`` (default ``maskconnect/<dataset>/<grid>``). Only missing params
-    and (key, step) metric points are logged, so re-running it adds nothing. Raises on failure, after
-    at most ``budget_s`` (default ``TRACKING_BUDGET_S``) lost to it.
+    Logs config.json as params, history.csv rows (step = epoch) and metrics.json (step = epochs) as
+    metrics, tags, and the files ``SYNC_ARTIFACTS``. The run is the one ``mlflow_run.json`` names for
+    this store, else the newest run tagged with this directory, else a new one in ``experiment``
+    (default ``maskconnect/<dataset>/<grid>``). Raises on failure, after at most ``budget_s`` lost to it.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -121,13 +118,13 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
             exp_id = store.experiment_id(client, uri, experiment)
             run = client.create_run(exp_id, run_name=run_name, tags=tags, start_time=_mtime_ms(run_dir / "config.json"))
         run_id = run.info.run_id
-        steps = runs.metric_steps(client, None if created else run)
+        steps = runs.metric_steps(client, run)
         points = []
         for step, values in history:
             points += runs.metric_points(values, step, steps, now)
         if final:
             points += runs.metric_points(final, final_step, steps, now)
-        runs.log_batch(client, run_id, params=runs.new_params(None if created else run, params), tags=tags, metrics=points)
+        runs.log_batch(client, run_id, params=runs.new_params(run, params), tags=tags, metrics=points)
         for f in artifacts:
             client.log_artifact(run_id, str(f))
         if metrics is not None and metrics.get("status", "complete") == "complete":
@@ -150,9 +147,7 @@ def log_report(report_dir: Path | str, *, uri: str | None = None, experiment: st
     report_dir = Path(report_dir).resolve()
     if not report_dir.is_dir():
         raise RunDirError(f"report folder {report_dir} does not exist; run `maskconnect report` first")
-    if not store.have_mlflow():
-        raise MaskConnectError("mlflow is not installed: pip install 'maskconnect[track]'")
-    uri = store.ensure_store(uri, strict=True)
+    uri = store.ensure_store(uri, strict=True)  # raises without mlflow
     client = store.client(uri)
     exp_id = store.experiment_id(client, uri, experiment)
     found = client.search_runs([exp_id], filter_string=f"tags.`{REPORT_TAG}` = '{report_dir}'", max_results=1)
@@ -160,12 +155,9 @@ def log_report(report_dir: Path | str, *, uri: str | None = None, experiment: st
         exp_id, run_name=f"report {report_dir.name}", tags={REPORT_TAG: str(report_dir)}).info.run_id
     summary = report_dir / "summary.json"
     if summary.exists():
-        values = numeric_items(json.loads(summary.read_text()))
-        if values:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(key(k), v, now, 0) for k, v in values.items()])
+        points = runs.metric_points(numeric_items(json.loads(summary.read_text())), 0, {}, int(time.time() * 1000))
+        if points:
+            runs.log_batch(client, run_id, metrics=points)
     client.log_artifacts(run_id, str(report_dir))
     client.set_terminated(run_id, "FINISHED")
     return run_id
