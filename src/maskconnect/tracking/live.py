@@ -17,23 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from . import runs, store
-from .values import clean_tags, final_metrics, flatten_params, numeric_items
+from .values import clean_tags, final_metrics, flatten_params, numeric_items, version_tags
 
 
-def _env_tags() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+def _env_tags() -> dict[str, Any]:
+    from ..provenance import git_commit, versions
 
-    from .. import __version__
-    from ..provenance import git_commit
-
-    commit = git_commit()
-    try:
-        torch_version = version("torch")
-    except PackageNotFoundError:
-        torch_version = None
-    return {"git_commit": commit, "mlflow.source.git.commit": commit, "torch_version": torch_version,
-            "maskconnect_version": __version__, "python_version": platform.python_version(),
-            "host": platform.node() or None}
+    return {**version_tags(git_commit(), versions()), "host": platform.node() or None}
 
 
 def _never_raises(method: Callable) -> Callable:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ..errors import MaskConnectError, RunDirError
 from . import runs, store
-from .values import clean_tags, final_metrics, flatten_params, number, numeric_items, run_tags
+from .values import clean_tags, final_metrics, flatten_params, number, numeric_items, run_tags, version_tags
 
 SYNC_ARTIFACTS = ("config.json", "history.csv", "metrics.json", "masks.json")
 REPORT_TAG = "maskconnect.report_dir"
@@ -42,24 +42,14 @@ def _read_history(path: Path) -> list[tuple[int, dict[str, float]]]:
     return rows
 
 
-def _after_runs(run_dir: Path, skip: int) -> list[str]:
-    """The path parts after the last ``runs`` folder, without the first ``skip`` of them."""
+def _defaults(run_dir: Path, config: Mapping[str, Any]) -> tuple[str, str]:
+    """The experiment and run name of ``.../runs/<grid>/<rest>``: ``maskconnect/<dataset>/<grid>`` and
+    ``<rest>`` (elsewhere ``maskconnect/<dataset>`` and the directory's name)."""
     parts = run_dir.parts
-    if "runs" not in parts:
-        return []
-    i = len(parts) - 1 - parts[::-1].index("runs")
-    return list(parts[i + 1 + skip:])
-
-
-def _default_experiment(run_dir: Path, config: Mapping[str, Any]) -> str:
-    """``maskconnect/<dataset>/<grid>`` for ``.../runs/<grid>/...``, else ``maskconnect/<dataset>``."""
-    dataset, after = config.get("dataset"), _after_runs(run_dir, 0)
+    after = list(parts[len(parts) - parts[::-1].index("runs"):]) if "runs" in parts else []
+    dataset = [str(config["dataset"])] if config.get("dataset") else []
     grid = after[:1] if len(after) > 1 else []
-    return "/".join(["maskconnect"] + ([str(dataset)] if dataset else []) + grid)
-
-
-def _default_run_name(run_dir: Path) -> str:
-    return "/".join(_after_runs(run_dir, 1)) or run_dir.name
+    return "/".join(["maskconnect", *dataset, *grid]), "/".join(after[1:]) or run_dir.name
 
 
 def _mtime_ms(path: Path) -> int | None:
@@ -69,14 +59,13 @@ def _mtime_ms(path: Path) -> int | None:
         return None
 
 
-def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str | None = None,
-                 retries: int = 5, backoff: float = 0.5, budget_s: float | None = None) -> str:
+def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str | None = None) -> str:
     """Mirror a run directory into MLflow, idempotently; returns the MLflow run id.
 
     Logs config.json as params, history.csv rows (step = epoch) and metrics.json (step = epochs) as
     metrics, tags, and the files ``SYNC_ARTIFACTS``. The run is the one ``mlflow_run.json`` names for
     this store, else the newest run tagged with this directory, else a new one in ``experiment``
-    (default ``maskconnect/<dataset>/<grid>``). Raises on failure, after at most ``budget_s`` lost to it.
+    (default ``maskconnect/<dataset>/<grid>``). Raises on failure, within the failure budget.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -92,17 +81,15 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
     record = runs.read_run_file(run_dir)
     run_key = runs.run_dir_key(run_dir)
     entry = runs.run_entry(record, uri)
-    experiment = experiment or (entry or {}).get("experiment") or _default_experiment(run_dir, config)
-    run_name = (entry or {}).get("run_name") or record.get("run_name") or _default_run_name(run_dir)
+    default_experiment, default_run_name = _defaults(run_dir, config)
+    experiment = experiment or (entry or {}).get("experiment") or default_experiment
+    run_name = (entry or {}).get("run_name") or record.get("run_name") or default_run_name
 
     m = metrics or {}
-    versions = m.get("versions") or {}
     tags = clean_tags({
-        "git_commit": m.get("git_commit"), "mlflow.source.git.commit": m.get("git_commit"),
-        "torch_version": versions.get("torch"), "maskconnect_version": versions.get("maskconnect"),
-        "python_version": versions.get("python"), "device": m.get("device") or config.get("device"),
-        "seed": m.get("seed", config.get("seed")), "maskconnect.status": m.get("status", "incomplete"),
-        runs.RUN_DIR_TAG: run_key, **run_tags(config, experiment),
+        **version_tags(m.get("git_commit"), m.get("versions") or {}),
+        "device": m.get("device") or config.get("device"), "seed": m.get("seed", config.get("seed")),
+        "maskconnect.status": m.get("status", "incomplete"), runs.RUN_DIR_TAG: run_key, **run_tags(config, experiment),
     })
     params = flatten_params(config)
     final = final_metrics(metrics) if metrics else {}
@@ -128,7 +115,7 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
         for f in artifacts:
             client.log_artifact(run_id, str(f))
         if metrics is not None and metrics.get("status", "complete") == "complete":
-            if run.info.status != "FINISHED" or created:
+            if run.info.status != "FINISHED":  # a run just created is RUNNING
                 client.set_terminated(run_id, status="FINISHED", end_time=_mtime_ms(run_dir / "metrics.json"))
         elif created:
             client.set_terminated(run_id, status="KILLED")  # incomplete directory
@@ -137,7 +124,7 @@ def sync_run_dir(run_dir: Path | str, *, uri: str | None = None, experiment: str
                                            "experiment": exp_name, "run_name": run_name}, primary=False)
         return run_id
 
-    return store.retry(go, retries=retries, backoff=backoff, budget=store.Budget(budget_s), http=store.is_http(uri))
+    return store.retry(go, budget=store.Budget(), http=store.is_http(uri))
 
 
 def log_report(report_dir: Path | str, *, uri: str | None = None, experiment: str = "maskconnect/reports") -> str:

@@ -70,6 +70,12 @@ def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return numeric_items(metrics, skip=_NOT_METRICS)
 
 
+def version_tags(commit: str | None, versions: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags of a run's git commit and ``versions`` (as in metrics.json, provenance.versions)."""
+    return {"git_commit": commit, "mlflow.source.git.commit": commit, "torch_version": versions.get("torch"),
+            "maskconnect_version": versions.get("maskconnect"), "python_version": versions.get("python")}
+
+
 def clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
     return {key(k): _stringify(v) for k, v in tags.items() if v is not None}
 
