@@ -151,12 +151,8 @@ def _store_lock(uri: str):
 
 
 def client(uri: str):
-    """An ``MlflowClient`` for ``uri``; the first use per process creates the store under a lock.
-
-    An HTTP store is retried by MLflow alone (7 tries, backoff factor 2 and a 120 s timeout by
-    default: minutes against a dead server); these are bounded to 2 retries, backoff 1 and 5 s unless
-    the user chose values, so that one call costs at most about 20 s.
-    """
+    """An ``MlflowClient`` for ``uri``; the first use per process creates the store under a lock. MLflow's
+    HTTP retries (by default minutes against a dead server) are bounded here unless the user set them."""
     from mlflow import MlflowClient
 
     if is_http(uri):
@@ -189,7 +185,7 @@ def ensure_store(uri: str | None = None, *, strict: bool = False) -> str:
     except Exception as e:
         if strict:
             raise as_tracking_error(e, uri) from None
-        warn(f"MLflow store {uri} is not usable ({type(e).__name__}: {short(e)})")
+        warn(str(as_tracking_error(e, uri)))
     return uri
 
 
@@ -252,21 +248,20 @@ def retry(fn: Callable[[], Any], *, retries: int = 5, backoff: float = 0.5,
     and try again, at most ``retries`` tries in all and never past ``budget`` (failed calls and sleeps
     count against it). ``http``: no retries here, MLflow's HTTP client retries (see :func:`client`).
     """
+    budget = budget if budget is not None else Budget(float("inf"))
     tries = 1 if http else max(1, int(retries))
     for attempt in range(tries):
         t0 = time.monotonic()
         try:
             return fn()
         except Exception as e:
-            if budget is not None:
-                budget.spend(time.monotonic() - t0)
+            budget.spend(time.monotonic() - t0)
             if attempt == tries - 1 or not _is_transient(e):
                 raise
             sleep = min(max_sleep, backoff * 2 ** attempt) * (1.0 + 0.5 * random.random())
-            if budget is not None:
-                if budget.left() < sleep:
-                    raise
-                budget.spend(sleep)
+            if budget.left() < sleep:
+                raise
+            budget.spend(sleep)
             log.debug("MLflow call failed (%s: %s); retry %d/%d in %.2f s", type(e).__name__,
                       short(e), attempt + 1, tries - 1, sleep)
             time.sleep(sleep)
