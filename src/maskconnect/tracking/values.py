@@ -25,8 +25,6 @@ def key(name: Any) -> str:
 
 
 def _stringify(v: Any) -> str:
-    if isinstance(v, str):
-        return v
     if isinstance(v, (list, tuple, dict)):
         try:
             return json.dumps(v, default=str, separators=(",", ":"))
