@@ -23,6 +23,7 @@ from maskconnect.tracking import (
     default_tracking_uri,
     ensure_store,
     flatten_params,
+    log_report,
     sync_run_dir,
 )
 from maskconnect.tracking import store as tracking_store
@@ -331,3 +332,20 @@ def test_retry_backs_off_on_locked_database_and_not_on_permanent_errors():
     with pytest.raises(MlflowException):
         tracking_store.retry(bad, retries=5, backoff=0.001)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["plain", "John's report"])
+def test_log_report_finds_its_run_again_whatever_the_folder_is_called(tmp_path, store, name):
+    """`track log-report` twice on one folder is one MLflow run, also when the folder's name holds a
+    quote (the search filter cannot quote it)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "REPORT.md").write_text("# report\n")
+    (folder / "summary.json").write_text(json.dumps({"claims": {"reproduced": 1}}))
+    first = log_report(folder, uri=store, experiment="reports-test")
+    (folder / "REPORT.md").write_text("# report, again\n")
+    second = log_report(folder, uri=store, experiment="reports-test")
+    assert first == second
+    client = _client(store)
+    exp = client.get_experiment_by_name("reports-test")
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id]) if r.info.run_name == f"report {name}"] == [first]

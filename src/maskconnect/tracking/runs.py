@@ -72,23 +72,25 @@ def existing_run(client, run_id: str | None):
     return None if run.info.lifecycle_stage == "deleted" else run
 
 
-def find_run_by_tag(client, run_dir: str):
-    """The newest active run tagged ``maskconnect.run_dir == run_dir`` in any active experiment."""
+def find_run_by_tag(client, value: str, tag: str = RUN_DIR_TAG, exp_ids: list[str] | None = None):
+    """The newest active run tagged ``tag == value`` (default: the run directory's tag) in ``exp_ids``
+    (default: every active experiment)."""
     from mlflow.entities import ViewType
     from mlflow.utils import get_results_from_paginated_fn
 
-    exp_ids = [e.experiment_id for e in get_results_from_paginated_fn(
-        lambda n, token: client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=n, page_token=token), 1000)]
+    if exp_ids is None:
+        exp_ids = [e.experiment_id for e in get_results_from_paginated_fn(
+            lambda n, token: client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=n, page_token=token), 1000)]
     best = None
     for i in range(0, len(exp_ids), 100):
         chunk = exp_ids[i:i + 100]
-        if "'" not in run_dir and "\\" not in run_dir:
-            runs = client.search_runs(chunk, filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+        if "'" not in value and "\\" not in value:
+            runs = client.search_runs(chunk, filter_string=f"tags.`{tag}` = '{value}'",
                                       run_view_type=ViewType.ACTIVE_ONLY, max_results=1,
                                       order_by=["attributes.start_time DESC"])
-        else:  # a path the filter syntax cannot quote: filter here
+        else:  # a value the filter syntax cannot quote: filter here
             runs = [r for r in client.search_runs(chunk, run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
-                    if r.data.tags.get(RUN_DIR_TAG) == run_dir]
+                    if r.data.tags.get(tag) == value]
         for r in runs:
             if best is None or (r.info.start_time or 0) > (best.info.start_time or 0):
                 best = r

@@ -137,8 +137,8 @@ def log_report(report_dir: Path | str, *, uri: str | None = None, experiment: st
     uri = store.ensure_store(uri, strict=True)  # raises without mlflow
     client = store.client(uri)
     exp_id = store.experiment_id(client, uri, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{REPORT_TAG}` = '{report_dir}'", max_results=1)
-    run_id = found[0].info.run_id if found else client.create_run(
+    found = runs.find_run_by_tag(client, str(report_dir), REPORT_TAG, [exp_id])
+    run_id = found.info.run_id if found else client.create_run(
         exp_id, run_name=f"report {report_dir.name}", tags={REPORT_TAG: str(report_dir)}).info.run_id
     summary = report_dir / "summary.json"
     if summary.exists():
