@@ -349,3 +349,17 @@ def test_log_report_finds_its_run_again_whatever_the_folder_is_called(tmp_path, 
     client = _client(store)
     exp = client.get_experiment_by_name("reports-test")
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id]) if r.info.run_name == f"report {name}"] == [first]
+
+
+def test_numeric_items_keep_numbers_and_nan_and_leave_out_infinities_and_non_numbers():
+    import math
+
+    import numpy as np
+    import torch
+
+    from maskconnect.tracking.values import numeric_items
+
+    got = numeric_items({"a": 1, "b": float("inf"), "c": "nan", "d": "x", "e": torch.tensor([1.0, 2.0]),
+                         "f": np.float32(0.5), "g": torch.tensor(2.0), "h": "-inf", "i": None, "j": " 3 "})
+    assert set(got) == {"a", "c", "f", "g", "j"}
+    assert got["a"] == 1.0 and math.isnan(got["c"]) and got["f"] == 0.5 and got["g"] == 2.0 and got["j"] == 3.0

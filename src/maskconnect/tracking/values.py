@@ -2,12 +2,13 @@
 
 Keys are made valid MLflow names here (MLflow refuses an invalid or over-long key, it does not fix
 one). Values are MLflow's to clean: it truncates over-long param and tag values
-(``MLFLOW_TRUNCATE_LONG_VALUES``) and stores NaN and infinite metrics.
+(``MLFLOW_TRUNCATE_LONG_VALUES``) and stores NaN metrics.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -53,14 +54,16 @@ def number(v: Any) -> float | None:
     """A float for a numeric value (numbers, numpy/torch scalars, numeric strings), else None."""
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # ValueError also for a tensor or array of several elements
         return None
 
 
 def numeric_items(row: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, float]:
-    """The numeric values of ``row`` under valid keys."""
+    """The numeric values of ``row`` under valid keys, infinite ones left out (MLflow would store them
+    as +-1.8e308, which flattens every chart they are in; NaN is kept, MLflow marks it)."""
     skip = set(skip)
-    return {key(k): x for k, v in row.items() if k not in skip and (x := number(v)) is not None}
+    return {key(k): x for k, v in row.items()
+            if k not in skip and (x := number(v)) is not None and not math.isinf(x)}
 
 
 def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
