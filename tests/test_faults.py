@@ -28,6 +28,7 @@ import torch
 
 from maskconnect.cli import main
 from maskconnect.training.config import identity_of
+from maskconnect.training.schedule import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -295,7 +296,7 @@ BAD_OVERRIDES = {
     "epocs: 3": ["train.epocs", "did you mean 'epochs'"],
     'epochs: "three"': ["train.epochs='three'", "invalid int value"],
     "epochs: -5": ["train.epochs=-5", "a positive integer"],
-    "freeze_epoch: 99": ["train.freeze_epoch=99", "an epoch in 0..epochs=10"],
+    "freeze_epoch: 99": ["train.freeze_epoch=99", f"an epoch in 0..epochs={RECIPES['demo']['epochs']}"],
 }
 
 
