@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import MaskConnectError, TrackingError
 from .values import key
@@ -138,16 +138,25 @@ def _check_sqlite_store(uri: str) -> None:
         con.close()
 
 
-def _store_lock(uri: str):
-    """An inter-process lock around creating a sqlite store (MLflow migrates a fresh tracking database
-    without one, so parallel jobs would race on its schema); none where the lock file cannot be written."""
-    path = sqlite_path(uri)
-    lock = Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{hashlib.sha1(str(path).encode()).hexdigest()[:16]}.lock"
-    if path is None or os.name == "nt" or not os.access(lock if lock.exists() else lock.parent, os.W_OK):
-        return contextlib.nullcontext()
-    from mlflow.utils.file_utils import ExclusiveFileLock
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An inter-process ``flock`` around creating a sqlite store (MLflow migrates a fresh tracking
+    database without one, so parallel jobs would race on its schema); none where it cannot be taken."""
+    path, handle = sqlite_path(uri), None
+    if path is not None:
+        try:
+            import fcntl
 
-    return ExclusiveFileLock(str(lock))
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+            handle = open(Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock", "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no fcntl, an unwritable temp dir, ENOLCK: go on without
+            handle = handle and handle.close()
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the flock
 
 
 def client(uri: str):
