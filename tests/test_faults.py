@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # a tiny model: about 2 s per epoch on one core
 TINY = ["--dataset", "digits", "--arch", "11,2,4", "--stage-width", "16", "--progress", "none", "--device", "cpu"]
-LEARNED = [*TINY, "--connectivity", "learned", "--fan-in", "2"]
+LEARNED = [*TINY, "--connectivity", "learned", "--fan-in", "2", "--recipe", "smoke"]  # masks frozen at the first LR drop
 
 
 def _env(**extra) -> dict:

@@ -285,7 +285,7 @@ def test_mask_columns_reach_mlflow(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--arch", "11,2,4", "--stage-width", "8", "--connectivity", "learned",
-                 "--fan-in", "2", "--epochs", "2", "--out", str(out), "--tracking-uri", uri, "--progress", "none"]) == 0
+                 "--fan-in", "2", "--recipe", "smoke", "--epochs", "2", "--out", str(out), "--tracking-uri", uri, "--progress", "none"]) == 0
     client = MlflowClient(uri)
     (run,) = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     for col in NEW_COLUMNS + ("mask_entropy", "mask_changed"):
