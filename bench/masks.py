@@ -221,7 +221,7 @@ class ScheduleRun:
 
 def run_schedule(r: ScheduleRun) -> dict:
     from maskconnect.training import TrainConfig, train
-    from maskconnect.training.schedule import recipe_milestones
+    from maskconnect.training.schedule import default_freeze_epoch, recipe_milestones
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +229,7 @@ def run_schedule(r: ScheduleRun) -> dict:
         # as these records were measured; the demo itself freezes one epoch later)
         cfg = TrainConfig(dataset="digits", arch="20,4,8", connectivity="learned", fan_in=r.fan_in, seed=r.seed,
                           recipe="demo", epochs=r.epochs, mask_lr=r.mask_lr, mask_rule=r.rule, out=f"{tmp}/run",
-                          freeze_epoch=recipe_milestones("demo", r.epochs)[0],
+                          freeze_epoch=default_freeze_epoch(recipe_milestones("demo", r.epochs), r.epochs),
                           device="cpu", track=False, progress="none")
         metrics = train(cfg)
         import csv

@@ -3,11 +3,12 @@
 
 A learned run has two phases. In the *joint* phase the weights and the real-valued masks are learned
 together (one mask draw per step). It ends after ``freeze_epoch`` epochs, by default where the LR
-first drops: every mask row is then frozen to its top-K entries and the weights are *fine-tuned* with
-the wiring fixed for the remaining epochs. Fixed-Full and Fixed-Random runs have one phase, *fixed*.
+first drops plus the recipe's ``settle_epochs`` (the demo's 1, the others 0): every mask row is then
+frozen to its top-K entries and the weights are *fine-tuned* with the wiring fixed for the remaining
+epochs. Fixed-Full and Fixed-Random runs have one phase, *fixed*.
 The LR is the recipe's for the recipe's batch, scaled linearly with the global batch, and divided by
 ``gamma`` (10) at each milestone; the real-valued masks follow the same drops from ``mask_lr``
-(default: the weight LR).
+(default: the recipe's; None, i.e. the weight LR, except the demo's 2.0).
 
 Torch-free at import (the grid loader resolves configs with it); :func:`build_optimizer` imports torch.
 """
