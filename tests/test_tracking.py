@@ -363,3 +363,12 @@ def test_numeric_items_keep_numbers_and_nan_and_leave_out_infinities_and_non_num
                          "f": np.float32(0.5), "g": torch.tensor(2.0), "h": "-inf", "i": None, "j": " 3 "})
     assert set(got) == {"a", "c", "f", "g", "j"}
     assert got["a"] == 1.0 and math.isnan(got["c"]) and got["f"] == 0.5 and got["g"] == 2.0 and got["j"] == 3.0
+
+
+def test_a_store_is_created_without_its_lock_where_the_lock_cannot_be_taken(tmp_path, monkeypatch):
+    """The lock around creating a sqlite store lives in the temp dir; where it cannot be taken (no such
+    directory here; ENOLCK on some network file systems) the store is still created, unlocked."""
+    monkeypatch.setattr(tracking_store.tempfile, "gettempdir", lambda: str(tmp_path / "no-such-dir"))
+    uri = ensure_store(f"sqlite:///{tmp_path}/mlflow.db", strict=True)
+    assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "no-such-dir").exists()
+    assert _client(uri).search_experiments()
