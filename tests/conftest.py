@@ -19,6 +19,19 @@ def _threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny in-process models: two threads per process on a shared
+    2-core machine can be 10x slower, and one thread keeps the summation order fixed). Files take it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -92,3 +92,21 @@ def assert_step_agrees(got: dict, want: dict, ref: dict, *, slack: float = 3.0, 
                                         f"{slack} x the plain path's own rounding error {e:.3g} + {floor:g}")
         assert cap is None or d <= cap, f"{name}: differs from the plain path by {d:.3g} of its norm (cap {cap:g})"
     return seen
+
+
+def perturbed_learned(k: int, arch: str = "20,4,8", **spec) -> torch.nn.Module:
+    """A learned {arch} model with fan-in ``k`` (seed ``k``, train mode, CPU) whose mask rows are not
+    uniform (so the draw differs row by row) and whose BN parameters are away from their init (so a
+    wrong BN gradient shows)."""
+    from maskconnect.models import build_model
+    from maskconnect.specs import make_spec
+
+    torch.manual_seed(k)
+    model = build_model(make_spec(arch, connectivity="learned", fan_in=k, **spec)).train()
+    with torch.no_grad():
+        model.masks.real.uniform_(0.05, 1.0)  # non-uniform rows: the draw differs row by row
+        for m in model.modules():  # BN parameters away from their init, so a wrong BN gradient shows
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model

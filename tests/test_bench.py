@@ -31,14 +31,7 @@ GPU_GOALS = {"throughput": "learned_k4_vs_full_throughput", "naive": "vectorised
              "torchvision": "ours_vs_torchvision_resnext50", "datapath": "datapath_overhead"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The in-process tests here are tiny: one thread avoids oversubscribing a shared 2-core machine
-    (where two threads per process can be 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the CPU smoke run -----------------------------------------------------------------------------

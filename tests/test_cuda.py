@@ -22,7 +22,7 @@ from maskconnect.data import build_data
 from maskconnect.training.step import Precision, evaluate, train_step
 from maskconnect.models import MaskedBlock, build_model
 from maskconnect.specs import make_spec
-from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, run_step
+from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, perturbed_learned, run_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 C = 8
@@ -31,15 +31,7 @@ SMALL = dict(dataset="cifar10", stage_width=16)
 
 
 def _learned(k: int, device: str, channels_last: bool = False, arch: str = "20,4,8"):
-    torch.manual_seed(k)
-    model = build_model(make_spec(arch, connectivity="learned", fan_in=k, **SMALL)).train()
-    with torch.no_grad():
-        model.masks.real.uniform_(0.05, 1.0)  # non-uniform rows: the draw differs row by row
-        for m in model.modules():  # BN parameters away from their init, so a wrong BN gradient shows
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    model = model.to(device)
+    model = perturbed_learned(k, arch, **SMALL).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 

@@ -14,12 +14,7 @@ from maskconnect.data import (DATASETS, DataBundle, DatasetInfo, batch_bounds, b
 from maskconnect.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- fixtures

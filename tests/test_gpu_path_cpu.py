@@ -29,7 +29,7 @@ from maskconnect.connectivity import mask_banks, param_groups
 from maskconnect.training.step import Precision, train_step
 from maskconnect.models import MaskedBlock, MaskedResNeXt, build_model
 from maskconnect.specs import make_spec
-from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, run_step
+from step_check import assert_step_agrees, float64_reference, fp32_mask_draws, perturbed_learned, run_step
 
 C = 8
 # {20,4,8} at a small width on 8x8 inputs: every kind of module (stem-fed, identity, projection with
@@ -37,12 +37,7 @@ C = 8
 SMALL = dict(dataset="cifar10", stage_width=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a spy on the torch calls made by maskconnect.kernels -----------------------------------------------
@@ -144,14 +139,7 @@ BRANCHES = ["matmul", "convolution"]  # the 1x1 backward's branch: CPU fast path
 
 
 def _model(k: int, layout: str) -> tuple[MaskedResNeXt, MaskedResNeXt]:
-    torch.manual_seed(k)
-    model = build_model(make_spec("20,4,8", connectivity="learned", fan_in=k, **SMALL)).train()
-    with torch.no_grad():
-        model.masks.real.uniform_(0.05, 1.0)  # non-uniform rows: the draw differs row by row
-        for m in model.modules():  # BN parameters away from their init, so a wrong BN gradient shows
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+    model = perturbed_learned(k, **SMALL)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     plain = copy.deepcopy(model)

@@ -22,12 +22,7 @@ C = 8
 SMALL = dict(dataset="cifar10", stage_width=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(model: MaskedResNeXt) -> tuple[MaskedResNeXt, MaskedResNeXt]:
