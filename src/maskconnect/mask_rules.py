@@ -11,6 +11,9 @@ not say whether the normalisation is written back to m~. The rules are the readi
 | ``centred`` | subtract each row's mean from its gradient (:func:`centre_rows_`) | clip to [0, 1] |
 | ``projected`` (**default**) | - | Euclidean projection onto {m in [0,1]^C : sum m = K} (:func:`project_capped_simplex`) |
 
+Each acts on a row's candidates only (``MaskBank.valid``: a ResNet block's earlier blocks); the entries
+outside them stay 0.
+
 * ``clip``: sample from the normalised row, keep m~ unnormalised, clip it after each step. The
   straight-through gradient has a large component of the same sign across a row, so whole rows drift
   together to a clip bound; a row at 1.0 samples uniformly and freezes by ties. Kept so that the
@@ -44,36 +47,41 @@ def clip_(real: Tensor) -> Tensor:
     return real.clamp_(0.0, 1.0)
 
 
-def centre_rows_(grad: Tensor) -> Tensor:
-    """Subtract each row's mean from a mask gradient in place (the ``centred`` rule)."""
-    return grad.sub_(grad.mean(-1, keepdim=True))
+def centre_rows_(grad: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Subtract each row's mean over its candidates from a mask gradient in place (the ``centred`` rule);
+    entries outside ``valid`` stay 0."""
+    if valid is None:
+        return grad.sub_(grad.mean(-1, keepdim=True))
+    mean = (grad * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return grad.sub_(mean).mul_(valid)
 
 
-def project_capped_simplex(v: Tensor, k: int, iters: int = 50) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto {m in [0, 1]^C : sum(m) = k}.
+def project_capped_simplex(v: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
+    """Euclidean projection of each row of ``v`` onto {m in [0, 1]^C : sum(m) = k}, over the row's
+    candidates (``valid``; 0 elsewhere). A row with at most k candidates projects to all of them at 1.
 
-    The projection is clip(v - tau, 0, 1) with the row's tau chosen so the row sums to k. tau is
-    found by bisection (sum is monotone in tau; fixed iteration count, no host sync), then solved
-    exactly on the entries that end strictly inside (0, 1). Written by hand: torch has no projection
-    onto a capped simplex, and the bisection is a few vectorised ops.
+    The projection is clip(v - tau, 0, 1) with the row's tau chosen so the row sums to k. That sum,
+    f(tau), is piecewise linear and non-increasing, with its kinks at v_i - 1 and v_i; it is evaluated at
+    all 2C kinks at once (sorted), the segment where it crosses k is found, and tau is solved on it
+    exactly: about twenty vectorised ops, no iteration and no host sync (O(C^2) work per row; C is at
+    most 64 for the paper's models). Written by hand: torch has no projection onto a capped simplex.
     """
     c = v.shape[-1]
-    if k >= c:
+    if valid is None and k >= c:
         return torch.ones_like(v)
-    lo = v.amin(-1, keepdim=True) - 1.0     # every entry clips to 1: sum = C >= k
-    hi = v.amax(-1, keepdim=True)           # every entry clips to 0: sum = 0 <= k
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        big = (v - mid).clamp(0.0, 1.0).sum(-1, keepdim=True) > k
-        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
-    tau = (lo + hi) / 2
-    d = v - tau
-    free = (d > 0) & (d < 1)
-    n_free = free.sum(-1, keepdim=True)
-    n_one = (d >= 1).sum(-1, keepdim=True)
-    exact = ((v * free).sum(-1, keepdim=True) - (k - n_one)) / n_free.clamp(min=1)
-    tau = torch.where(n_free > 0, exact, tau)
-    return (v - tau).clamp(0.0, 1.0)
+    if valid is not None:  # non-candidates sit 2 below every candidate: they clip to 0 for any tau that matters
+        low = torch.where(valid, v, torch.full((), float("inf"), dtype=v.dtype, device=v.device)).amin(-1, keepdim=True)
+        v = torch.where(valid, v, low - 2)
+    kinks = torch.cat([v - 1, v], -1).sort(-1).values                       # (..., 2C), ascending
+    f = (v.unsqueeze(-2) - kinks.unsqueeze(-1)).clamp(0.0, 1.0).sum(-1)      # f at each kink, non-increasing
+    j = ((f >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * c - 2)            # the last kink with f >= k
+    t0, t1 = kinks.gather(-1, j), kinks.gather(-1, j + 1)
+    f0, f1 = f.gather(-1, j), f.gather(-1, j + 1)
+    tau = torch.where(f0 > f1, t0 + (f0 - k) * (t1 - t0) / (f0 - f1).clamp(min=1e-30), t0)
+    out = (v - tau).clamp(0.0, 1.0)
+    if valid is not None:
+        out = torch.where(valid.sum(-1, keepdim=True) <= k, valid.to(out.dtype), out * valid)
+    return out
 
 
 class MaskRule:
@@ -93,13 +101,13 @@ class MaskRule:
             for b in _learning(banks):
                 g = b.real.grad
                 if g is not None:
-                    centre_rows_(g)
+                    centre_rows_(g, b.valid)
 
     @torch.no_grad()
     def after_step(self, banks: Sequence[MaskBank]) -> None:
         for b in _learning(banks):
             if self.project:
-                b.real.copy_(project_capped_simplex(b.real, b.fan_in))
+                b.real.copy_(project_capped_simplex(b.real, b.fan_in, b.valid))
             else:
                 clip_(b.real)
 
