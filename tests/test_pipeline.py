@@ -9,12 +9,14 @@ End-to-end runs are in test_pipeline_e2e.py (marked slow).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,10 @@ from maskconnect.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-PAPER_COUNTS = {"cifar100": 64, "cifar10": 36, "imagenet": 9, "paper": 109}
+# ResNeXt: 64 + 36 + 9; ResNet: Table 1 36 + Fig. 2 64 (K = 1..17 without Table 1's K = 10, 4 seeds), ResNet-50 2
+PAPER_COUNTS = {"cifar100": 64, "cifar10": 36, "imagenet": 9, "cifar100-resnet": 100, "imagenet-resnet": 2, "paper": 211}
 DEMO_RUNS = 18
+DEMO_RESNET_RUNS = 9
 SMOKE_RUNS = 3
 
 
@@ -112,7 +116,8 @@ def shell_commands(output: str) -> list[str]:
 
 # ---- the grids --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("smoke", SMOKE_RUNS)])
+@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("demo-resnet", DEMO_RESNET_RUNS),
+                                        ("smoke", SMOKE_RUNS)])
 def test_grid_run_counts(name, count):
     grid = G.load_grid(name)
     assert len(grid.runs) == count
@@ -120,7 +125,8 @@ def test_grid_run_counts(name, count):
 
 
 def test_every_packaged_grid_loads():
-    assert set(G.available_grids()) >= {"demo", "smoke", "cifar100", "cifar10", "imagenet", "paper"}
+    assert set(G.available_grids()) >= {"demo", "demo-resnet", "smoke", "cifar100", "cifar10", "imagenet",
+                                        "cifar100-resnet", "imagenet-resnet", "paper"}
     for name in G.available_grids():
         G.load_grid(name)
 
@@ -143,9 +149,31 @@ def test_paper_grids_match_the_paper():
     assert {r.recipe for r in c100.runs + c10.runs} == {"paper"} and {r.recipe for r in inet.runs} == {"paper-imagenet"}
 
 
+def _paper_rows(source: str) -> set[tuple[str, str, int]]:
+    """(model, connectivity, K) of one source of the shipped paper CSV, read with the csv module."""
+    with resources.files("maskconnect").joinpath("paper/reference_results.csv").open() as f:
+        return {(r["model"], r["connectivity"], int(r["fan_in"])) for r in csv.DictReader(f)
+                if r["source"] == source and r["metric"] == "top1"}
+
+
+def test_resnet_grids_are_the_papers_table1_fig2_and_resnet50():
+    """cifar100-resnet trains exactly Table 1's and Fig. 2's configurations, imagenet-resnet ResNet-50's
+    (the paper's rows, read from its CSV), every one with the paper's recipe on a GPU."""
+    c100 = G.load_grid("cifar100-resnet")
+    configs = {(r.arch, r.connectivity, r.fan_in) for r in c100.runs}
+    assert configs == _paper_rows("eccv-table1") | _paper_rows("eccv-fig2")
+    assert len(_paper_rows("eccv-table1")) == 9 and {k for _, _, k in _paper_rows("eccv-fig2")} == set(range(1, 18))
+    assert {r.seed for r in c100.runs} == {0, 1, 2, 3} and {r.recipe for r in c100.runs} == {"paper"}
+    inet = G.load_grid("imagenet-resnet")
+    assert {(r.arch, r.connectivity, r.fan_in) for r in inet.runs} == {
+        (m, c, k) for m, c, k in _paper_rows("eccv-text") if m == "resnet50"}
+    assert {r.recipe for r in inet.runs} == {"paper-imagenet"}
+    assert all(r.gpus >= 1 and r.device == "cuda" for g in (c100, inet) for r in g.runs)
+
+
 def test_paper_is_the_union_and_keeps_each_grids_directories():
     paper = G.load_grid("paper")
-    assert paper.parts == ["cifar100", "cifar10", "imagenet"]
+    assert paper.parts == ["cifar100", "cifar10", "imagenet", "cifar100-resnet", "imagenet-resnet"]
     union = [r.run_dir for p in paper.parts for r in G.load_grid(p).runs]
     assert [r.run_dir for r in paper.runs] == union
 
@@ -316,12 +344,14 @@ def test_snakemake_rejects_bad_config(checkout):
 
 # ---- Snakemake ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("smoke", SMOKE_RUNS)])
+@pytest.mark.parametrize("name,count", [*PAPER_COUNTS.items(), ("demo", DEMO_RUNS), ("demo-resnet", DEMO_RESNET_RUNS),
+                                        ("smoke", SMOKE_RUNS)])
 def test_snakemake_dry_run_counts_train_jobs(name, count, checkout):
     proc = snakemake(["-n", "--config", f"grid={name}"], checkout)
     assert proc.returncode == 0, proc.stdout[-3000:]
     counts = job_counts(proc.stdout)
     assert counts["train"] == count
+    assert counts.get("preflight", 0) == (1 if name in PAPER_COUNTS else 0)  # GPU grids check the device first
     assert counts["evaluate"] == count
     parts = len(G.load_grid(name).parts)
     assert counts["report"] == counts["aggregate"] == counts["tracking_sync"] == counts["tracking_report"] == parts
@@ -481,13 +511,13 @@ def test_dvc_stage_list(checkout):
 
 
 def test_dvc_yaml_for_the_paper_grid(tmp_path, monkeypatch):
-    """`maskconnect grid dvc --grid paper` gives a valid pipeline with 109 training stages."""
+    """`maskconnect grid dvc --grid paper` gives a valid pipeline with 211 training stages."""
     root = fresh_checkout(tmp_path / "c")
     proc = run([BIN / "maskconnect", "grid", "dvc", "--grid", "paper", "--out", "dvc.yaml"], root, check=True)
     assert proc.returncode == 0
     names = [ln.split()[0] for ln in dvc(["stage", "list"], root, check=True).stdout.splitlines() if ln.strip()]
-    assert len([n for n in names if n.startswith("train-")]) == 109
-    assert {f"report-{p}" for p in ("cifar100", "cifar10", "imagenet")} <= set(names)
+    assert len([n for n in names if n.startswith("train-")]) == PAPER_COUNTS["paper"]
+    assert {f"report-{p}" for p in G.load_grid("paper").parts} <= set(names)
 
 
 def test_dvc_is_initialised_without_remote():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError
+from ..specs import MASKED
 from . import paths
 
 GRIDS_DIR = Path(__file__).parents[1] / "grids"
@@ -40,9 +41,9 @@ class Run:
     entry: int          # 1-based index of its entry in that grid's file
     label: str
     dataset: str
-    arch: str           # "D,w,C"
+    arch: str           # "D,w,C" or "resnetD"
     connectivity: str
-    fan_in: int         # K (C for full)
+    fan_in: int         # K (C for full, 1 for prev)
     seed: int
     recipe: str = "demo"
     device: str = "auto"
@@ -74,7 +75,7 @@ class Run:
     def train_args(self) -> list[str]:
         """Options of ``maskconnect train`` for this run, except ``--out``."""
         args = ["--dataset", self.dataset, "--arch", self.arch, "--connectivity", self.connectivity]
-        if self.connectivity != "full":
+        if self.connectivity in MASKED:
             args += ["--fan-in", str(self.fan_in)]
         args += ["--seed", str(self.seed), "--recipe", self.recipe]
         for key, value in self.train:
@@ -116,13 +117,14 @@ class Grid:
 
 def keffect_series(runs: Iterable[Run]) -> dict[tuple[str, str], list[str]]:
     """(dataset, arch) -> the connectivities whose top-1 against K is drawn (Learned and Fixed-Random,
-    with Fixed-Full as the K = C point), for the models of ``runs`` trained at more than one K."""
+    with the baseline: Fixed-Full as the K = C point, Fixed-Prev as K = 1), for the models of ``runs``
+    trained at more than one K."""
     ks: dict[tuple[str, str], set] = {}
     kinds: dict[tuple[str, str], set] = {}
     for r in runs:
         ks.setdefault((r.dataset, r.arch), set()).add(r.fan_in)
         kinds.setdefault((r.dataset, r.arch), set()).add(r.connectivity)
-    order = ("learned", "random", "full")
+    order = ("learned", "random", "full", "prev")
     return {key: [c for c in order if c in kinds[key]] for key in ks if len(ks[key]) > 1}
 
 

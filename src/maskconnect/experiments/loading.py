@@ -1,5 +1,5 @@
 """Loading a grid file: read the YAML, validate it by ``schemas/grid.schema.json`` and then by meaning
-(dataset known, {D,w,C} valid for it, 1 <= K <= C, seeds given, no run twice, ``train:`` overrides as
+(dataset known, the architecture valid for it, its connectivity and K allowed, seeds given, no run twice, ``train:`` overrides as
 ``maskconnect train`` reads them), and expand it into a :class:`~.grid.Grid`.
 
 Every problem is a :class:`ConfigError` naming the grid entry and the field, before anything runs.
@@ -179,7 +179,7 @@ def _check_train(where: str, path: Path, run: "Run", overrides: Mapping) -> None
 
 
 def _expand(name: str, path: Path, data: Mapping) -> list[Run]:
-    from ..specs import DATASET_LAYOUTS, make_spec
+    from ..specs import DATASET_LAYOUTS, baseline_of, make_spec
 
     defaults = dict(data.get("defaults") or {})
     runs: list[Run] = []
@@ -196,14 +196,17 @@ def _expand(name: str, path: Path, data: Mapping) -> list[Run]:
         if not seeds:
             raise _GridError(where, "seeds", seeds, "a non-empty list of distinct seeds (in the entry or the grid's defaults)", path)
         conn = e["connectivity"]
-        c = int(e["arch"].split(",")[2])
+        try:
+            baseline, base_k = baseline_of(e["arch"])
+        except ConfigError as err:
+            raise _GridError(where, "arch", e["arch"], err.allowed, path) from None
         fan_ins = e.get("fan_ins")
-        if conn == "full":
-            if fan_ins not in (None, [c]):
-                raise _GridError(where, "fan_ins", fan_ins, f"omitted for connectivity 'full' (it uses K = C = {c})", path)
-            fan_ins = [c]
+        if conn == baseline:
+            if fan_ins not in (None, [base_k]):
+                raise _GridError(where, "fan_ins", fan_ins, f"omitted for connectivity {conn!r} (it uses K = {base_k})", path)
+            fan_ins = [base_k]
         elif not fan_ins:
-            raise _GridError(where, "fan_ins", fan_ins, f"a list of fan-ins K with 1 <= K <= C for connectivity {conn!r}", path)
+            raise _GridError(where, "fan_ins", fan_ins, f"a list of fan-ins K for connectivity {conn!r}", path)
         if e["gpus"] and e["device"] == "cpu":
             raise _GridError(where, "device", "cpu", f"cuda or auto for a job with gpus={e['gpus']}", path)
         if e["device"] == "cuda" and not e["gpus"]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 
-from ..specs import parse_arch
+from ..errors import ConfigError
+from ..specs import CONNECTIVITIES, FAMILIES, arch_token, baseline_of, canonical_arch
 
 RESULTS = "results"
 RUNS_ROOT = f"{RESULTS}/runs"
@@ -22,28 +23,31 @@ DATA_DIR = "data"
 # ---- run ids ------------------------------------------------------------------------------------------
 
 def run_id(dataset: str, arch, connectivity: str, fan_in: int, seed: int) -> str:
-    """The name of a run, e.g. ``cifar100/29-8-8/learned-K4/seed0`` (docs/run_format.md).
+    """The name of a run, e.g. ``cifar100/29-8-8/learned-K4/seed0`` or ``cifar100/resnet38/prev-K1/seed0``
+    (docs/run_format.md).
 
-    ``arch`` is "D,w,C" (or a (D, w, C) tuple); ``fan_in`` of a ``full`` run is C.
+    ``arch`` is "D,w,C" (or a (D, w, C) tuple) or "resnetD"; ``fan_in`` of a ``full`` run is C, of a
+    ``prev`` run 1.
     """
-    d, w, c = parse_arch(arch)
-    return f"{dataset}/{d}-{w}-{c}/{connectivity}-K{int(fan_in)}/seed{int(seed)}"
+    return f"{dataset}/{arch_token(arch)}/{connectivity}-K{int(fan_in)}/seed{int(seed)}"
 
 
+_CONNS = "|".join(CONNECTIVITIES)
+_ARCHS = "|".join(f.token_regex for f in FAMILIES.values())
 # The pattern of a run id (Snakemake's wildcard constraint; run ids contain '/').
-RUN_ID_REGEX = r"[^/]+/[0-9]+-[0-9]+-[0-9]+/(?:full|random|learned)-K[0-9]+/seed[0-9]+"
-RUN_ID_PARTS = 4  # dataset/D-w-C/connectivity-K<k>/seed<n>
-_CONN_RE = re.compile(r"^(full|random|learned)(?:-K(\d+))?$")
+RUN_ID_REGEX = rf"[^/]+/(?:{_ARCHS})/(?:{_CONNS})-K[0-9]+/seed[0-9]+"
+RUN_ID_PARTS = 4  # dataset/arch/connectivity-K<k>/seed<n>
+_CONN_RE = re.compile(rf"^({_CONNS})(?:-K(\d+))?$")
 
 
 def parse_run_id(text: str) -> dict:
     """"cifar100/29-8-8/learned-K4/seed0" -> {dataset, arch ("29,8,8"), connectivity, fan_in, seed}.
 
-    Only the last four parts are read, so a path with the grid in front works too; a ``full`` run
-    may leave out its K (it is C). Raises ValueError naming the id if it is not one.
+    Only the last four parts are read, so a path with the grid in front works too; a baseline run
+    (``full``, ``prev``) may leave out its K (C, or 1). Raises ValueError naming the id if it is not one.
     """
     parts = str(text).strip("/").split("/")
-    invalid = f"invalid run id {text!r}: expected dataset/D-w-C/connectivity-K<k>/seed<n>"
+    invalid = f"invalid run id {text!r}: expected dataset/arch/connectivity-K<k>/seed<n> (arch: D-w-C or resnetD)"
     if len(parts) < RUN_ID_PARTS:
         raise ValueError(invalid)
     dataset, arch, conn, seed = parts[-RUN_ID_PARTS:]
@@ -52,15 +56,16 @@ def parse_run_id(text: str) -> dict:
     if not m or not s:
         raise ValueError(invalid)
     try:
-        d, w, c = parse_arch(arch)
-    except ValueError:
+        canonical = canonical_arch(arch)
+    except ConfigError:
         raise ValueError(invalid) from None
     fan_in = m.group(2)
     if fan_in is None:
-        if m.group(1) != "full":
+        baseline, k = baseline_of(canonical)
+        if m.group(1) != baseline:
             raise ValueError(f"invalid run id {text!r}: connectivity {conn!r} needs -K<k>")
-        fan_in = c
-    return {"dataset": dataset, "arch": f"{d},{w},{c}", "connectivity": m.group(1), "fan_in": int(fan_in),
+        fan_in = k
+    return {"dataset": dataset, "arch": canonical, "connectivity": m.group(1), "fan_in": int(fan_in),
             "seed": int(s.group(1))}
 
 

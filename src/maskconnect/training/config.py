@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError
-from ..specs import ModelSpec, make_spec
+from ..specs import DEFAULT_MASK_INIT, ModelSpec, canonical_arch, make_spec
 from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
@@ -32,7 +32,7 @@ MASK_RULE_NAMES = ("clip", "centred", "projected")
 class TrainConfig:
     dataset: str
     arch: str
-    connectivity: str = "full"
+    connectivity: str | None = None        # default: the family's own wiring (full for a ResNeXt, prev for a ResNet)
     fan_in: int | None = None
     seed: int = 0
     out: str = "results/runs/manual"
@@ -50,7 +50,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mask_lr: float | None = None            # default: the recipe's (None: the weight LR and its schedule)
     mask_momentum: float = 0.0
-    mask_init: float = 0.5
+    mask_init: float = DEFAULT_MASK_INIT
     mask_rule: str | None = None            # how the real-valued masks are updated (mask_rules.MASK_RULES); default: the recipe's
     freeze_epoch: int | None = None         # default: the first LR drop (+ the recipe's settle_epochs)
     stage_width: int | None = None
@@ -127,7 +127,7 @@ class TrainConfig:
         if not isinstance(c.device, str):
             raise ConfigError("device", c.device, "auto, cpu, cuda or cuda:N")
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
-        c.fan_in = spec.fan_in
+        c.arch, c.connectivity, c.fan_in = spec.arch, spec.connectivity, spec.fan_in
         if c.freeze_epoch is None:
             c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs, recipe_value(c.recipe, "settle_epochs"))
         if not (isinstance(c.freeze_epoch, int) and 0 <= c.freeze_epoch <= c.epochs):
@@ -162,7 +162,12 @@ class TrainConfig:
 def identity_of(config: dict) -> dict:
     """:meth:`TrainConfig.identity` of a config dict (e.g. a run directory's config.json)."""
     skip = set(NON_IDENTITY) | (set() if config.get("connectivity") == "learned" else set(LEARNED_ONLY))
-    return {k: v for k, v in config.items() if k not in skip}
+    out = {k: v for k, v in config.items() if k not in skip}
+    try:  # one architecture, however spelled ("29-8-8" and "29,8,8"; "ResNet-38" and "resnet38")
+        out["arch"] = canonical_arch(out["arch"])
+    except (KeyError, ConfigError):
+        pass
+    return out
 
 
 def check_out(out) -> str:

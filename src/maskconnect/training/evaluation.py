@@ -18,7 +18,7 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
     from ..data import build_data
     from ..models.counting import count_flops
     from ..models import build_model
-    from ..models.pruning import load_pruned
+    from ..models.pruning import branch_counts, load_pruned
     from .config import TrainConfig
     from .device import resolve_device
     from .rundir import CHECKPOINT
@@ -57,7 +57,7 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
         result["pruned"] = evaluate(compact, data.test_batches(), precision, data.info.num_classes)
         result["params_test"] = count_weights(compact)
         result["flops_test"] = count_flops(compact, shape)
-        result["branches_per_module"] = compact.branches
+        result["branches_per_module"] = branch_counts(compact)
     return result
 
 

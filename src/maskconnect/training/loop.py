@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks, mask_stats, masks_frozen
+from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks, masks_frozen
 from ..errors import MaskConnectError, RunDirError, TrainingDiverged
 from ..mask_rules import mask_rule
 from ..models import build_model
@@ -270,16 +270,16 @@ def _mask_columns(model, before) -> dict:
     bank = next((b for b in mask_banks(model) if b.real is not None), None)
     if bank is None:
         return {}
-    return {**mask_stats(bank.real, bank.fan_in), "mask_changed": changed_rows(before, current_masks(model))}
+    return {**bank.stats(), "mask_changed": changed_rows(before, current_masks(model))}
 
 
 def freeze(model, cfg: TrainConfig, warn: bool = True) -> int:
     """End the joint phase: freeze the learned masks (exact ties broken by a draw from the run's seed)
     and warn when rows were saturated or tied: such rows were not decided by what the masks learned."""
     bank = mask_banks(model)[0]
-    stats = mask_stats(bank.real, bank.fan_in)
+    stats = bank.stats()
     ties = freeze_masks(model, seed=cfg.seed)
-    rows = bank.real.shape[0] * bank.real.shape[1]
+    rows = bank.rows
     if warn and (ties or stats["mask_at_1"] > 0.5 or stats["mask_at_0"] == 1.0):
         print(f"warning: freezing masks with mask rule {cfg.mask_rule!r}: {ties} of {rows} rows were decided by exact "
               f"ties (broken at random from seed {cfg.seed}); {stats['mask_at_1']:.0%} of entries at 1.0, "
@@ -293,17 +293,17 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
     """The end of the run: freeze (if the joint phase ran to the end), prune, count parameters and FLOPs,
     and write masks.json, pruned.pt and metrics.json (last: its presence means the run is complete)."""
     from ..models.counting import count_flops
-    from ..models.pruning import prune, prune_report, save_pruned
+    from ..models.pruning import live_parts, prune, prune_report, save_pruned
 
     model.eval()
     if spec.connectivity == "learned" and not masks_frozen(model):
         freeze(model, cfg)
-    sizes = prune_report(model)
+    compact = prune(model) if spec.masked else None
+    sizes = prune_report(model, compact)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     sizes["flops"] = sizes["flops_test"] = count_flops(model, shape)
-    if spec.masked:
-        rundir.write_masks(out, spec, mask_banks(model)[0])
-        compact = prune(model)
+    if compact is not None:
+        rundir.write_masks(out, spec, mask_banks(model)[0], live_parts(model))
         sizes["flops_test"] = count_flops(compact, shape)
         save_pruned(out / "pruned.pt", compact)
     precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last).describe()
@@ -317,9 +317,8 @@ def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:
     if spec.connectivity != "learned":
         return {}
     bank = mask_banks(model)[0]
-    stats = mask_stats(bank.real, bank.fan_in)
     return {"mask_rule": cfg.mask_rule, "mask_tied_rows": bank.tied_at_freeze or 0,
-            "mask_rows": bank.real.shape[0] * bank.real.shape[1], **{f"final_{k}": v for k, v in stats.items()}}
+            "mask_rows": bank.rows, **{f"final_{k}": v for k, v in bank.stats().items()}}
 
 
 def _start_tracker(cfg: TrainConfig, out: Path, spec: ModelSpec, device: torch.device):

@@ -21,13 +21,17 @@ def _bool(v: str) -> bool:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``maskconnect train``, the fields of :class:`TrainConfig` that
     :func:`~.config.config_from_args` reads."""
+    from ..specs import DEFAULT_MASK_INIT
     from .schedule import RECIPES
 
     g = p.add_argument_group("model")
     g.add_argument("--dataset", required=True, help="digits, cifar10, cifar100, imagenet or synthetic")
-    g.add_argument("--arch", required=True, help="{D,w,C} as 'D,w,C'")
-    g.add_argument("--connectivity", default="full", help="full, random or learned")
-    g.add_argument("--fan-in", dest="fan_in", type=int, metavar="K", help="fan-in K for random/learned")
+    g.add_argument("--arch", required=True, help="a ResNeXt {D,w,C} as 'D,w,C' (e.g. 29,8,8) or a ResNet as 'resnetD' "
+                                                  "(e.g. resnet38, resnet50)")
+    g.add_argument("--connectivity", help="full (ResNeXt) or prev (ResNet): the network's own wiring, the default; "
+                                          "random or learned: masks of fan-in K")
+    g.add_argument("--fan-in", dest="fan_in", type=int, metavar="K",
+                   help="fan-in K for random/learned: 1..C for a ResNeXt, 1..L-1 earlier blocks for a ResNet of L blocks")
     g.add_argument("--seed", type=int, default=0, help="seed: weights, Fixed-Random masks, data order, mask draws")
     g.add_argument("--stage-width", dest="stage_width", type=int, help="output width of stage 1 (default: the paper's)")
     g = p.add_argument_group("recipe (defaults from --recipe)")
@@ -47,7 +51,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="epoch after which learned masks are frozen to top-K (default: the first LR drop; demo: one epoch later)")
     g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks, following the weight LR's drops (default: the recipe's; "
                         "demo 2.0, the others the weight LR)")
-    g.add_argument("--mask-init", dest="mask_init", type=float, help="initial value of the real-valued masks (default 0.5)")
+    g.add_argument("--mask-init", dest="mask_init", type=float, help=f"initial value of the real-valued masks (default {DEFAULT_MASK_INIT})")
     g.add_argument("--mask-rule", dest="mask_rule", metavar="NAME",
                    help="how the real-valued masks are updated (default: the recipe's, projected for every recipe): projected (rows projected onto "
                         "{m in [0,1]^C, sum m = K}), centred (row-centred gradient, then clip) or clip (the "

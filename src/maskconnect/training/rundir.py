@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..connectivity import live_branches
 from ..errors import RunDirError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..provenance import git_commit, run_device, versions
@@ -266,14 +265,15 @@ def write_history(out: Path, rows: list[dict]) -> None:
     atomic_write_text(out / "history.csv", buf.getvalue())
 
 
-def write_masks(out: Path, spec: ModelSpec, bank) -> None:
-    """masks.json: the binary masks of every module, the real-valued ones (learned), the live branches."""
+def write_masks(out: Path, spec: ModelSpec, bank, live: list) -> None:
+    """masks.json (docs/run_format.md): the binary masks, the real-valued ones (learned), what lives
+    (``models.pruning.live_parts``: live branches per module, or live blocks)."""
     masks = bank.binary.detach().cpu()
     atomic_write_json(out / "masks.json", {
-        "cardinality": spec.cardinality, "fan_in": spec.fan_in, "connectivity": spec.connectivity,
-        "modules": spec.num_modules, "masks": masks.int().tolist(),
+        "family": spec.family, "arch": spec.arch, "cardinality": spec.cardinality, "fan_in": spec.fan_in,
+        "connectivity": spec.connectivity, "modules": spec.num_modules, "masks": masks.int().tolist(),
         "real": None if bank.real is None else [[[round(v, 6) for v in r] for r in m] for m in bank.real.detach().cpu().tolist()],
-        "live": [l.tolist() for l in live_branches(masks)],
+        "live": live,
     })
 
 
@@ -290,7 +290,7 @@ def write_metrics(out: Path, cfg: TrainConfig, spec: ModelSpec, history: list[di
     last = history[-1]
     metrics = {
         "status": "complete",
-        "dataset": cfg.dataset, "arch": spec.arch, "depth": spec.depth, "width": spec.width,
+        "dataset": cfg.dataset, "family": spec.family, "arch": spec.arch, "depth": spec.depth, "width": spec.width,
         "cardinality": spec.cardinality, "stage_width": spec.stage_width, "connectivity": spec.connectivity,
         "fan_in": spec.fan_in, "seed": cfg.seed, "top1": last["test_top1"], "top5": last["test_top5"], "best_top1": best["top1"], "best_top5": best["top5"],
         "best_epoch": best["epoch"], "test_loss": last["test_loss"],
