@@ -80,6 +80,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     for name in (*BENCHMARKS, "cuda-check", "demo-width", "all", "summary"):
         sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
     # its own options (bench/masks.py); main() hands its arguments over before parsing
+    sub.add_parser("resnet", add_help=False, help="the masked ResNet: step time and saved memory against the standard "
+                   "ResNet (--part cost), mean or sum of the selected outputs on digits (--part combine); 'resnet --help'")
     sub.add_parser("masks", add_help=False, help="the mask update rules (docs/mask_rules.md): planted connectivity and the long "
                    "schedule, CPU, not part of 'all' (about an hour on 2 cores); 'masks --help' for its options")
     return parser
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         from .masks import main as masks_main
 
         return masks_main(argv[1:])
+    if argv[:1] == ["resnet"]:
+        from .resnet import main as resnet_main
+
+        return resnet_main(argv[1:])
     args = build_parser(prog).parse_args(argv)
     if args.benchmark == "summary":  # reads records only: no torch device needed
         from .summary import run

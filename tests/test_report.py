@@ -232,7 +232,7 @@ def test_table2_rows_bold_and_paper_columns(cifar_results):
     # Learned K=4 vs Full: diff 2.40, se = sqrt(0.02/2 + 0.02/2) = 0.141421, t = 16.97, df = 2
     # p = 2 * P(T_2 > 16.97) = 0.00345
     assert t.cells["p vs Full"].tolist()[3] == "0.003"
-    assert t.data.loc[3, "p_vs_full"] == pytest.approx(2 * st.t.sf(2.4 / math.sqrt(0.02), 2), rel=1e-6)
+    assert t.data.loc[3, "p_vs_baseline"] == pytest.approx(2 * st.t.sf(2.4 / math.sqrt(0.02), 2), rel=1e-6)
     assert any("{29,64,8} Fixed-Full K=8" in n for n in t.notes)  # paper rows we have not run
 
 
@@ -294,7 +294,7 @@ def test_partial_grid_lists_missing_runs_without_crashing(tmp_path):
     assert t.cells["K"].tolist() == ["4"]
     note = next(n for n in t.notes if n.startswith("Missing runs"))
     assert "cifar100/29-8-8/full-K8/seed0" in note and "cifar100/29-8-8/learned-K4/seed0" not in note
-    assert t.cells["p vs Full"].tolist() == ["—"] and "no Fixed-Full runs" in t.data.loc[0, "p_vs_full_reason"]
+    assert t.cells["p vs Full"].tolist() == ["—"] and "no Fixed-Full runs" in t.data.loc[0, "p_vs_baseline_reason"]
     _check_booktabs(latex_table(t))
     # nothing finished at all: still a report, no table rows
     assert summarize(runs.iloc[:0]).empty
@@ -302,7 +302,8 @@ def test_partial_grid_lists_missing_runs_without_crashing(tmp_path):
 
 def test_every_paper_table_has_a_spec():
     by_source = {s.source: s for s in PAPER_TABLES}
-    assert set(by_source) == {"eccv-table2", "v1-poster-cifar10", "eccv-table3", "eccv-fig3"}
+    assert set(by_source) == {"eccv-table2", "v1-poster-cifar10", "eccv-table3", "eccv-fig3", "eccv-table1", "eccv-fig2",
+                              "eccv-text"}
     assert by_source["eccv-table3"].metrics == ("top1", "top5")
     assert by_source["eccv-fig3"].model_set() == {"20,4,8"}
 
@@ -330,7 +331,7 @@ def test_report_has_a_verdict_per_claim_and_lists_missing_runs(cifar_report):
     out, _ = cifar_report
     text = (out / "REPORT.md").read_text()
     claims = re.split(r"^#+ Claim \d: ", text, flags=re.M)[1:]
-    assert len(claims) == 4
+    assert len(claims) == 5  # the ResNeXt claims 1-5 (the ResNet claims 6-9 test ResNet runs only)
     for section in claims:
         verdicts = re.findall(r"^\*\*Verdict: (reproduced|not reproduced|inconclusive)\*\*", section, re.M)
         assert len(verdicts) == 1
@@ -355,7 +356,7 @@ def test_demo_dataset_is_labelled_as_not_evidence(tmp_path):
     assert "tables/table_digits.md" in written
     text = (out / "REPORT.md").read_text()
     assert "Demo, not evidence about the paper" in text
-    assert text.count("(demo on `digits`, not evidence about the paper)") == 4
+    assert text.count("(demo on `digits`, not evidence about the paper)") == 5
     # Fixed-Random was not run: claim 2 cannot be judged
     assert re.search(r"Claim 2: .*?\*\*Verdict: inconclusive\*\*", text, re.S)
 

@@ -27,6 +27,7 @@ def describe(spec: ModelSpec) -> dict:
     flops_test = count_flops(prune(model), shape) if banks_frozen else flops
     return {
         "dataset": spec.dataset,
+        "family": spec.family,
         "arch": spec.arch,
         "depth": spec.depth,
         "width": spec.width,

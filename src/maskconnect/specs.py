@@ -89,6 +89,10 @@ class Family:
         """K of the baseline wiring (C for ResNeXt, 1 for ResNet)."""
         raise NotImplementedError
 
+    def row_candidates(self, spec: "ModelSpec") -> list[int]:
+        """How many sources each mask row may choose from, row by row (a row with at most K reads them all)."""
+        raise NotImplementedError
+
     def paper_stage_width(self, arch: str) -> int | None:
         """Stage 1's output width in the paper's network ``arch``; None if the paper has no such model."""
         for layout, archs in self.paper_archs.items():
@@ -160,6 +164,9 @@ class ResNeXtFamily(Family):
     def baseline_fan_in(self, spec) -> int:
         return spec.cardinality
 
+    def row_candidates(self, spec) -> list[int]:
+        return [spec.cardinality] * ((spec.num_modules - 1) * spec.cardinality)   # C branches of the previous module
+
 
 class ResNetFamily(Family):
     """The ResNets of the ECCV extension (docs/design.md section 12): CIFAR's (3x3 stem of 16, three
@@ -216,6 +223,9 @@ class ResNetFamily(Family):
 
     def baseline_fan_in(self, spec) -> int:
         return 1
+
+    def row_candidates(self, spec) -> list[int]:
+        return list(range(1, spec.num_modules))   # block j (1-based) reads among blocks 1..j-1; the stem only block 1
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (ResNeXtFamily(), ResNetFamily())}

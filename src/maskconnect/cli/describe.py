@@ -10,13 +10,18 @@ DESCRIBE_DATASETS = ("cifar10", "cifar100", "imagenet", "digits", "synthetic")
 
 def _add_spec_arguments(p: argparse.ArgumentParser, *, dataset_required: bool = True) -> None:
     p.add_argument("--dataset", required=dataset_required, help="dataset: " + ", ".join(DESCRIBE_DATASETS))
-    p.add_argument("--arch", required=True, help="model {D,w,C} as 'D,w,C', e.g. 29,8,8 or 50,4,32")
-    p.add_argument("--connectivity", default="full", help="full (ResNeXt), random (Fixed-Random) or learned (MaskConnect); default full")
+    p.add_argument("--arch", required=True, help="a ResNeXt {D,w,C} as 'D,w,C' (e.g. 29,8,8 or 50,4,32) or a ResNet as "
+                                                  "'resnetD' (e.g. resnet38, resnet50)")
+    p.add_argument("--connectivity", default=None,
+                   help="full (ResNeXt) or prev (ResNet): the network's own wiring, the default; random (Fixed-Random) "
+                        "or learned (MaskConnect)")
     p.add_argument("--fan-in", type=int, default=None, dest="fan_in", metavar="K",
-                   help="fan-in K (1..C) for random/learned; full uses K=C")
+                   help="fan-in K for random/learned: 1..C for a ResNeXt, 1..L-1 earlier blocks for a ResNet of L "
+                        "blocks; full uses K=C, prev K=1")
     p.add_argument("--seed", type=int, default=0, help="seed (Fixed-Random masks, initial weights); default 0")
     p.add_argument("--stage-width", type=int, default=None, dest="stage_width",
-                   help="output width of stage 1 (doubles per stage); default from the paper's spec (64 or 256)")
+                   help="output width of stage 1 (doubles per stage); default the paper's (64 or 256 for a ResNeXt, "
+                        "16 or 256 for a ResNet)")
 
 
 def _spec_from_args(args):
@@ -34,8 +39,11 @@ def _cmd_describe(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     m = 1e6
-    print(f"{info['dataset']} {{{info['arch']}}} connectivity={info['connectivity']} K={info['fan_in']} seed={info['seed']}")
-    print(f"  stages          : {info['modules_per_stage']} modules, output widths {info['stage_widths']}")
+    from ..specs import arch_label
+
+    unit = "blocks" if info["family"] == "resnet" else "modules"
+    print(f"{info['dataset']} {arch_label(info['arch'])} connectivity={info['connectivity']} K={info['fan_in']} seed={info['seed']}")
+    print(f"  stages          : {info['modules_per_stage']} {unit}, output widths {info['stage_widths']}")
     print(f"  modules         : {info['modules']}, branches {info['branches_train']} (train) -> {info['branches_test']} (test)")
     print(f"  branches/module : {info['branches_per_module']}")
     print(f"  params train    : {info['params_train'] / m:.3f}M  ({info['params_train']:,})")

@@ -25,8 +25,10 @@ Autograd sees each write as a node (:class:`_Put`) returning an empty *token*, a
 only after every reader of its output has added its share. The buffers are held by reference, not through
 ``save_for_backward`` (each is written block by block after readers have used it); the last write of a
 stage saves the completed buffer the ordinary way, so ``saved_tensors_hooks`` (``models.counting.
-saved_bytes``) count it once. A forward pass builds a new :class:`EarlierOutputs`; one backward pass per
-forward pass (no ``retain_graph`` reuse). torch.compile traces the model's plain form instead.
+saved_bytes``) count it once. A forward pass builds a new :class:`EarlierOutputs`; every backward pass
+through it (``retain_graph``, ``autograd.grad`` for some inputs only) starts its gradient buffers afresh
+at the last reader, which every path from the output to an earlier block passes through. torch.compile
+traces the model's plain form instead.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class EarlierOutputs:
         self.phys: list[Tensor | None] = [None] * len(self.sizes)   # (N, n, *element in physical order)
         self.order: list[tuple[int, ...]] = [_NCHW] * len(self.sizes)
         self.grad: list[Tensor | None] = [None] * len(self.sizes)   # same layout as phys
+        self.readers = 0   # _Mix nodes made so far: the last one made is the first a backward pass runs
 
     # -- layout -----------------------------------------------------------------------------------
     def _logical5(self, t: Tensor, s: int) -> Tensor:
@@ -127,7 +130,7 @@ class _Put(torch.autograd.Function):
         if store.grad[s] is not None:
             g = store._logical5(store.grad[s], s)[:, i]
             gz = torch.ops.aten.threshold_backward(g, store.output(s, i), 0)
-        if s == 0 and i == 0:  # the first block's write is the last node of the pass: free the gradients
+        if s == 0 and i == 0:  # the first block's write is the last node of a full pass: free the gradients early
             store.grad = [None] * len(store.sizes)
         return gz, None, None, None
 
@@ -156,12 +159,15 @@ class _Mix(torch.autograd.Function):
                 x[:, :c_s] += part
         ctx.save_for_backward(row)
         ctx.store, ctx.parts, ctx.scale, ctx.shape = store, parts, scale, shape
+        ctx.reader, store.readers = store.readers, store.readers + 1
         return x.mul_(scale)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (row,) = ctx.saved_tensors
         store, scale, shape = ctx.store, ctx.scale, ctx.shape
+        if ctx.reader == store.readers - 1:  # every path from the output to an earlier block passes through the
+            store.grad = [None] * len(store.sizes)   # last reader: a new backward pass starts from zero
         g_row = torch.zeros_like(row) if ctx.needs_input_grad[0] else None
         start = 0
         for s, n, r in ctx.parts:

@@ -149,6 +149,9 @@ class ResNet(_Stem):
         self.spec = spec
         self._build(spec, [True] * spec.num_modules, lambda d: nn.Sequential(*d.values()))
 
+    def blocks(self) -> list[nn.Module]:
+        return [b for s in range(len(self.spec.stages)) for b in getattr(self, f"layer{s + 1}")]
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         for s in range(len(self.spec.stages)):
@@ -180,7 +183,7 @@ class MaskedResNet(_Stem):
         self.kept = [j for j in range(n) if self.alive[j]]
         if masks is None:
             masks = MaskBank(1, n - 1, spec.fan_in, spec.connectivity, seed=spec.seed, init=spec.mask_init,
-                             valid=candidate_masks(range(1, n)))
+                             valid=candidate_masks(spec.fam.row_candidates(spec)))
         self.masks = masks
         # 1/K_j of every kept reader: K_j = min(K, j) ones, which pruning keeps (a live row reads live blocks)
         self.scales = [1.0 / min(spec.fan_in, j) for j in self.kept[1:]]

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..specs import arch_label
 from ..training.step import Precision
 from . import cost as C
 from . import datapath, steps
@@ -66,7 +67,7 @@ def _masked_models(pf) -> list[tuple[str, object, object]]:
     for p in pf.plans:
         s = p.spec
         key = (s.dataset, s.arch, s.stage_width, s.connectivity, s.fan_in)
-        if s.connectivity == "full" or key in seen:
+        if not s.masked or key in seen:
             continue
         seen.add(key)
         torch.manual_seed(0)
@@ -74,8 +75,10 @@ def _masked_models(pf) -> list[tuple[str, object, object]]:
         if s.connectivity == "learned":  # non-uniform rows: the draw differs from row to row
             with torch.no_grad():
                 model.masks.real.uniform_(0.05, 1.0, generator=torch.Generator().manual_seed(3))
+                if model.masks.valid is not None:  # a ResNet's rows: candidates only
+                    model.masks.real.mul_(model.masks.valid)
         width = f" width {s.stage_width}" if s.stage_width else ""
-        out.append((f"{s.dataset} {{{s.arch}}}{width} {s.connectivity} K={s.fan_in}", model, s))
+        out.append((f"{s.dataset} {arch_label(s.arch)}{width} {s.connectivity} K={s.fan_in}", model, s))
     return out
 
 
@@ -169,9 +172,9 @@ def cost(pf, repeats: int = 5) -> dict:
             continue
         s = p.spec
         precision = Precision.for_device(dev, amp=p.amp, channels_last=p.channels_last)
-        kind = {"full": "Fixed-Full", "random": "Fixed-Random", "learned": "Learned"}[s.connectivity]
+        kind = {"full": "Fixed-Full", "prev": "Fixed-Prev", "random": "Fixed-Random", "learned": "Learned"}[s.connectivity]
         width = f" width {s.stage_width}" if s.stage_width else ""
-        label = f"{s.dataset} {{{s.arch}}}{width} {kind}, batch {p.batch}"
+        label = f"{s.dataset} {arch_label(s.arch)}{width} {kind}, batch {p.batch}"
         mem = _timed(pf, f"memory: {label}", lambda: C.memory_check(s, p.batch, dev, precision))
         if mem["passed"] and not mem.get("error"):
             t0, threads = time.perf_counter(), torch.get_num_threads()

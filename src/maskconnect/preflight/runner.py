@@ -15,7 +15,7 @@ from .. import experiments as G
 from ..errors import ConfigError
 from ..io import atomic_write_json, atomic_write_text
 from ..training.device import resolve_device
-from ..specs import ModelSpec
+from ..specs import MASKED, ModelSpec
 
 RECORD_VERSION = 1
 DEFAULT_OUT = "results/preflight"
@@ -70,7 +70,7 @@ def plan_runs(grid: G.Grid) -> list[RunPlan]:
     plans = []
     for run in grid.runs:
         cfg = TrainConfig(dataset=run.dataset, arch=run.arch, connectivity=run.connectivity,
-                          fan_in=run.fan_in if run.connectivity != "full" else None, seed=run.seed,
+                          fan_in=run.fan_in if run.connectivity in MASKED else None, seed=run.seed,
                           recipe=run.recipe, **dict(run.train)).resolved()
         plans.append(RunPlan(run, TrainConfig.spec(cfg), cfg.batch_size, cfg.eval_batch_size, cfg.epochs,
                              cfg.compile, cfg.amp, cfg.channels_last))

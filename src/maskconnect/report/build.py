@@ -9,6 +9,7 @@ import pandas as pd
 from ..errors import ConfigError
 from ..io import atomic_write_text
 from . import claims, figures, tables
+from .paper import model_label
 from .runs import missing_runs, scan_runs
 
 
@@ -32,22 +33,22 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
 
     for (ds, arch), g in runs.groupby(["dataset", "arch"], sort=False):
         varied = g[g["connectivity"].isin(["learned", "random"])]
-        if len(varied) and (varied["fan_in"].nunique() >= 2 or (g["connectivity"] == "full").any()):
-            draw(f"Effect of fan-in K: {ds}, {{{arch}}}", figures.plot_fanin, runs, ds, arch,
+        if len(varied) and (varied["fan_in"].nunique() >= 2 or g["connectivity"].isin(["full", "prev"]).any()):
+            draw(f"Effect of fan-in K: {ds}, {model_label(arch)}", figures.plot_fanin, runs, ds, arch,
                  fig_dir / f"fanin_{_slug(ds, arch)}")
-        draw(f"Training curves: {ds}, {{{arch}}}", figures.plot_history, g,
-             fig_dir / f"curves_{_slug(ds, arch)}", title=f"{ds}, {{{arch}}}")
+        draw(f"Training curves: {ds}, {model_label(arch)}", figures.plot_history, g,
+             fig_dir / f"curves_{_slug(ds, arch)}", title=f"{ds}, {model_label(arch)}")
         learned = g[g["connectivity"] == "learned"]
         if len(learned):
-            draw(f"Mask dynamics: {ds}, {{{arch}}} (Learned runs)", figures.plot_mask_dynamics, g,
-                 fig_dir / f"mask_dynamics_{_slug(ds, arch)}", title=f"Mask dynamics: {ds}, {{{arch}}}")
+            draw(f"Mask dynamics: {ds}, {model_label(arch)} (Learned runs)", figures.plot_mask_dynamics, g,
+                 fig_dir / f"mask_dynamics_{_slug(ds, arch)}", title=f"Mask dynamics: {ds}, {model_label(arch)}")
         for k, gk in learned.groupby("fan_in"):
             best = gk.sort_values(["top1", "seed"], ascending=[False, True])
             with_masks = [r for r in best.itertuples() if (Path(r.path) / "masks.json").is_file()]
             if not with_masks:
                 continue
             r = with_masks[0]
-            caption = f"Learned connectivity: {ds}, {{{arch}}}, K={k}, seed {r.seed} (best of {len(gk)})"
+            caption = f"Learned connectivity: {ds}, {model_label(arch)}, K={k}, seed {r.seed} (best of {len(gk)})"
             draw(caption, figures.plot_masks, Path(r.path) / "masks.json",
                  fig_dir / f"masks_{_slug(ds, arch, f'K{k}', f'seed{r.seed}')}", title=caption)
     return made

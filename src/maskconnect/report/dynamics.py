@@ -2,7 +2,7 @@
 metrics.json (docs/run_format.md), so an unconverged run is never presented as a finding.
 
 For every Learned configuration (dataset, model, K, mask rule) over its seeds, at the end of the joint
-phase: normalised row entropy (entropy / ln C; 1 is uniform), rows whose top-K set still changed in the
+phase: normalised row entropy (entropy / the uniform row's, ln C for a ResNeXt; 1 is uniform), rows whose top-K set still changed in the
 last joint epoch, rows tied at the K-th place (saturated: decided by ties, not by learning), entries at
 the upper bound, and rows decided by ties at freezing. For every run: the change of test top-1 over its
 last epochs.
@@ -15,6 +15,10 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from ..errors import ConfigError
+from ..specs import make_spec
+from .paper import model_label
 
 # A learned configuration's masks "converged" when, at the end of the joint phase, the rows moved away
 # from uniform (entropy below 0.97 ln C, the acceptance bar of docs/design.md section 8), at most 10% of the rows still change their
@@ -40,10 +44,21 @@ def _metrics(path: str) -> dict:
         return {}
 
 
-def _to_khot(entropy: float, c: float, k: int) -> float:
-    if k >= c:
+def uniform_entropy(dataset: str, arch: str, k: int, cardinality: float | None = None) -> float:
+    """Mean entropy of a uniform row over the rows with a choice (more candidates than K): ln C for a
+    ResNeXt; for a ResNet the mean of ln(candidates) over its rows with more than K."""
+    try:
+        spec = make_spec(arch, dataset=dataset, connectivity="learned", fan_in=int(k))
+    except ConfigError:
+        return math.log(float(cardinality)) if cardinality else float("nan")
+    free = [math.log(n) for n in spec.fam.row_candidates(spec) if n > k]
+    return sum(free) / len(free) if free else float("nan")
+
+
+def _to_khot(entropy: float, uniform: float, k: int) -> float:
+    if not uniform > math.log(k):
         return float("nan")
-    return (math.log(c) - entropy) / (math.log(c) - math.log(k))
+    return (uniform - entropy) / (uniform - math.log(k))
 
 
 def _f(x, fmt: str = ".3f") -> str:
@@ -64,12 +79,13 @@ def mask_rows(runs: pd.DataFrame) -> pd.DataFrame:
         end = joint.iloc[-1]
         m = _metrics(r.path)
         n_rows = m.get("mask_rows") or None
+        uniform = uniform_entropy(r.dataset, r.arch, int(r.fan_in), r.cardinality)
         rows.append({
             "dataset": r.dataset, "arch": r.arch, "fan_in": int(r.fan_in), "seed": r.seed,
             "rule": (m.get("config") or {}).get("mask_rule", m.get("mask_rule", "clip")),
-            "joint_epochs": len(joint), "entropy_ratio": float(end["mask_entropy"]) / math.log(float(r.cardinality)),
+            "joint_epochs": len(joint), "entropy_ratio": float(end["mask_entropy"]) / uniform,
             # 0 at a uniform row, 1 at a K-hot row (entropy ln K): how far the rows went towards a wiring
-            "to_khot": _to_khot(float(end["mask_entropy"]), float(r.cardinality), int(r.fan_in)),
+            "to_khot": _to_khot(float(end["mask_entropy"]), uniform, int(r.fan_in)),
             "changed_last": float(end.get("mask_changed", float("nan"))),
             "ties_end": float(end.get("mask_ties", float("nan"))), "at_1": float(end.get("mask_at_1", float("nan"))),
             "tied_at_freeze": m.get("mask_tied_rows"), "rows": n_rows,
@@ -99,7 +115,8 @@ def dynamics_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
     h = "#" * level
     lines = [f"{h} What the masks did ({dataset})", ""]
     if not masks.empty:
-        lines += ["At the end of the joint phase, mean over seeds. Entropy is the normalised row entropy / ln C "
+        lines += ["At the end of the joint phase, mean over seeds, over the rows with a choice. Entropy is the "
+                  "row entropy / a uniform row's, ln C for a ResNeXt, the mean ln(candidates) for a ResNet "
                   "(1 = uniform); *to K-hot*: (ln C - entropy) / (ln C - ln K), 0 for uniform rows and 1 for K-hot "
                   "rows; *changed*: rows whose top-K set changed in the last joint epoch (in the demo that epoch "
                   "runs at LR/10); *tied*: rows whose K-th and (K+1)-th values are equal (saturated rows "
@@ -117,7 +134,7 @@ def dynamics_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
                 verdict = "converged"
             else:
                 verdict = "**not converged**"
-            lines.append(f"| {{{arch}}} | {k} | {rule} | {len(gk)} | {int(gk['joint_epochs'].max())} | "
+            lines.append(f"| {model_label(arch)} | {k} | {rule} | {len(gk)} | {int(gk['joint_epochs'].max())} | "
                          f"{_f(gk['entropy_ratio'].mean())} | {_f(gk['to_khot'].mean(), '.2f')} | {_f(changed, '.1f')} | "
                          f"{_f(gk['ties_end'].mean(), '.1f')} | {_f(gk['at_1'].mean())} | "
                          f"{'-' if ties.empty else _f(float(ties.mean()), '.1f')} | {verdict} |")

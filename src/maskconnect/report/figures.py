@@ -16,13 +16,17 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from ..io import atomic_write_bytes
-from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_stats
+from ..errors import ConfigError
+from ..specs import make_spec
+from .dynamics import uniform_entropy
+from .paper import CONNECTIVITY_NAMES, model_label, paper_stats
 from .stats import t_interval
 
 LIVE, DEAD = "#1f5fa8", "#c8c8c8"
-PALETTE = {"full": "#4d4d4d", "random": "#d95f02", "learned": "#1b9e77"}
+PALETTE = {"full": "#4d4d4d", "prev": "#4d4d4d", "random": "#d95f02", "learned": "#1b9e77"}
 
 
 def _style():
@@ -55,13 +59,19 @@ def _stats_by_k(g: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: str = "top1") -> list[Path]:
     """Accuracy vs fan-in K for Learned (and Fixed-Random) runs of one model: mean with 95% t-interval
-    error bars (none for n=1), every seed as a dot, Fixed-Full as a horizontal line with its band, and
-    the paper's values (Fig. 3, or its tables) as crosses and a dotted line."""
+    error bars (none for n=1), every seed as a dot, the model's own wiring (Fixed-Full at K = C for a
+    ResNeXt, Fixed-Prev for a ResNet) as a horizontal line with its band, and the paper's values (its
+    tables, Fig. 3 or Fig. 2) as crosses and a dotted line."""
     g = runs[(runs["dataset"] == dataset) & (runs["arch"] == model)]
-    parts = model_parts(model)
-    C = parts[2] if parts else int(g["fan_in"].max())
+    try:
+        spec = make_spec(model, dataset=dataset)
+        base, base_k, kmax = spec.connectivity, spec.fan_in, spec.max_fan_in
+        title = f"{spec.fam.title} {model_label(model)}" if spec.family == "resnext" else model_label(model)
+    except ConfigError:
+        base, base_k = "full", int(g["fan_in"].max())
+        kmax, title = base_k, model_label(model)
     with _style():
-        fig = Figure(figsize=(5.5, 3.6))
+        fig = Figure(figsize=(5.5 if kmax <= 8 else 7.5, 3.6))
         ax = fig.add_subplot()
         for conn in ("learned", "random"):
             gc = g[g["connectivity"] == conn]
@@ -73,27 +83,28 @@ def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: s
             jitter = (np.arange(len(gc)) % 5 - 2) * 0.04
             sns.scatterplot(x=gc["fan_in"].to_numpy() + jitter, y=gc[metric].to_numpy(), ax=ax,
                             color=PALETTE[conn], alpha=0.35, s=14, legend=False)
-        full = g[g["connectivity"] == "full"][metric].dropna()
-        if len(full):
-            iv = t_interval(full)
-            ax.axhline(iv.mean, color=PALETTE["full"], lw=1.2,
-                       label=f"Fixed-Full K={C} (ours{', n=1' if iv.n == 1 else ', 95% CI band'})")
+        fixed = g[g["connectivity"] == base][metric].dropna()
+        name = f"{CONNECTIVITY_NAMES[base]} K={base_k}"
+        if len(fixed):
+            iv = t_interval(fixed)
+            ax.axhline(iv.mean, color=PALETTE[base], lw=1.2,
+                       label=f"{name} (ours{', n=1' if iv.n == 1 else ', 95% CI band'})")
             if iv.half_width:
-                ax.axhspan(iv.low, iv.high, color=PALETTE["full"], alpha=0.12, lw=0)
-        ks = range(1, C + 1)
+                ax.axhspan(iv.low, iv.high, color=PALETTE[base], alpha=0.12, lw=0)
+        ks = range(1, kmax + 1)
         paper = [(k, paper_stats(dataset, model, "learned", k, metric)) for k in ks]
         paper = [(k, p.center) for k, p in paper if p is not None and p.center is not None]
         if paper:
             ax.plot(*zip(*paper), "x--", color=PALETTE["learned"], alpha=0.6, ms=7, lw=0.8,
                     label="Learned (paper)")
-        pfull = paper_stats(dataset, model, "full", C, metric)
-        if pfull is not None and pfull.center is not None:
-            ax.axhline(pfull.center, color=PALETTE["full"], ls=":", lw=1.2, label="Fixed-Full (paper)")
+        pbase = paper_stats(dataset, model, base, base_k, metric)
+        if pbase is not None and pbase.center is not None:
+            ax.axhline(pbase.center, color=PALETTE[base], ls=":", lw=1.2, label=f"{CONNECTIVITY_NAMES[base]} (paper)")
         ax.set_xticks(list(ks))
-        ax.set_xlim(0.5, C + 0.5)
+        ax.set_xlim(0.5, kmax + 0.5)
         ax.set_xlabel("fan-in K")
         ax.set_ylabel(f"test {metric} accuracy (%)")
-        ax.set_title(f"{dataset}, ResNeXt {model_label(model)}: effect of fan-in K", fontsize=10)
+        ax.set_title(f"{dataset}, {title}: effect of fan-in K", fontsize=10)
         ax.legend(fontsize=7, loc="best")
         return save_figure(fig, out_base)
 
@@ -111,10 +122,20 @@ def live_branches(masks: list) -> list[list[bool]]:
     return [lv.tolist() for lv in live]
 
 
+def live_blocks(mask: list) -> list[bool]:
+    """ResNet blocks that survive pruning, from the output backwards: the last block lives; a block lives
+    if a live later block reads it (row j-1 of ``mask`` is block j's choice among blocks 0..j-1)."""
+    m = np.asarray(mask, dtype=bool)
+    live = [False] * m.shape[0] + [True]
+    for b in range(m.shape[0] - 1, -1, -1):
+        live[b] = bool(any(m[j - 1, b] and live[j] for j in range(b + 1, m.shape[0] + 1)))
+    return live
+
+
 def load_masks(path) -> dict:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if "live" not in data or data["live"] is None:
-        data["live"] = live_branches(data["masks"])
+    if data.get("live") is None:
+        data["live"] = live_blocks(data["masks"][0]) if data.get("family") == "resnet" else live_branches(data["masks"])
     return data
 
 
@@ -124,6 +145,8 @@ def plot_masks(masks, out_base, title: str | None = None) -> list[Path]:
     Pruned branches (not live) and the edges into them are grey. ``masks`` is a masks.json path or
     its parsed content."""
     data = load_masks(masks) if isinstance(masks, (str, Path)) else dict(masks)
+    if data.get("family") == "resnet":
+        return plot_block_masks(data, out_base, title)
     if data.get("live") is None:
         data["live"] = live_branches(data["masks"])
     mlist = [np.asarray(m, dtype=int) for m in data["masks"]]
@@ -161,6 +184,35 @@ def plot_masks(masks, out_base, title: str | None = None) -> list[Path]:
         return save_figure(fig, out_base)
 
 
+def plot_block_masks(data: dict, out_base, title: str | None = None) -> list[Path]:
+    """A ResNet's frozen connectivity as a matrix: one row per block (block 2 at the top), one column per
+    earlier block it may read, a filled cell for each block it reads (the previous block on the
+    diagonal: the standard ResNet is the diagonal alone). Rows of pruned blocks, and the cells they
+    read, are grey."""
+    m = np.asarray(data["masks"][0], dtype=int)
+    live = np.asarray(data.get("live") or live_blocks(m), dtype=bool)
+    n = m.shape[0] + 1
+    with _style():
+        fig = Figure(figsize=(min(12, 1.5 + 0.32 * n), min(12, 1.2 + 0.32 * n)))
+        ax = fig.add_subplot()
+        ax.grid(False)
+        for j in range(1, n):
+            for k in range(j):
+                on, alive = bool(m[j - 1, k]), bool(live[j])
+                face = (LIVE if alive else DEAD) if on else "white"
+                ax.add_patch(Rectangle((k, j - 1), 1, 1, facecolor=face, edgecolor="#dddddd", lw=0.5))
+        ax.set_xlim(0, n - 1)
+        ax.set_ylim(n - 1, 0)
+        ax.set_xticks(np.arange(n - 1) + 0.5, [str(k + 1) for k in range(n - 1)], fontsize=6)
+        ax.set_yticks(np.arange(n - 1) + 0.5, [str(j + 1) for j in range(1, n)], fontsize=6)
+        ax.set_xlabel("earlier block read")
+        ax.set_ylabel("block")
+        ax.set_aspect("equal")
+        ax.set_title((title + "\n" if title else f"K={data.get('fan_in')}: ")
+                     + f"{int(live.sum())}/{n} blocks live (grey: pruned)", fontsize=9)
+        return save_figure(fig, out_base)
+
+
 # ---- (c) training curves ----------------------------------------------------------------------------
 
 def _histories(runs: pd.DataFrame) -> pd.DataFrame:
@@ -176,7 +228,7 @@ def _histories(runs: pd.DataFrame) -> pd.DataFrame:
         if h.empty or "epoch" not in h:
             continue
         h = h.assign(config=f"{CONNECTIVITY_NAMES.get(r.connectivity, r.connectivity)} K={r.fan_in}",
-                     connectivity=r.connectivity, seed=r.seed)
+                     connectivity=r.connectivity, seed=r.seed, dataset=r.dataset, arch=r.arch, fan_in=int(r.fan_in))
         frames.append(h)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -223,7 +275,7 @@ def plot_history(runs: pd.DataFrame, out_base, title: str = "") -> list[Path]:
 
 # ---- (d) mask dynamics ------------------------------------------------------------------------------
 
-MASK_PANELS = (("mask_entropy", "entropy / ln C"), ("mask_changed", "rows whose top-K changed"),
+MASK_PANELS = (("mask_entropy", "entropy / uniform row's"), ("mask_changed", "rows whose top-K changed"),
                ("mask_at_1", "fraction of entries at 1.0"), ("mask_at_0", "fraction of entries at 0.0"),
                ("mask_margin", "margin K-th - (K+1)-th"), ("mask_ties", "rows tied at the K-th place"))
 
@@ -238,8 +290,9 @@ def plot_mask_dynamics(runs: pd.DataFrame, out_base, title: str = "") -> list[Pa
         return []
     for col, _ in MASK_PANELS:
         h[col] = pd.to_numeric(h[col], errors="coerce")
-    card = runs["cardinality"].dropna()
-    h["mask_entropy"] = h["mask_entropy"] / np.log(float(card.iloc[0]) if len(card) else 8.0)
+    uniform = {(r.dataset, r.arch, int(r.fan_in)): uniform_entropy(r.dataset, r.arch, int(r.fan_in), r.cardinality)
+               for r in runs.itertuples()}
+    h["mask_entropy"] = h["mask_entropy"] / [uniform.get(key, np.nan) for key in zip(h["dataset"], h["arch"], h["fan_in"])]
     h = h.dropna(subset=["mask_entropy"])
     if h.empty:
         return []

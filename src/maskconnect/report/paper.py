@@ -1,7 +1,7 @@
 """The paper's reported numbers, as shipped in ``maskconnect/paper/reference_results.csv``.
 
-One row per number (source table or figure, dataset, model "D,w,C", connectivity, fan-in K, metric,
-stat). This module only reads that file; it never restates a number.
+One row per number (source table or figure, dataset, family, model "D,w,C" or "resnetD", connectivity,
+fan-in K, metric, stat). This module only reads that file; it never restates a number.
 """
 
 from __future__ import annotations
@@ -14,20 +14,21 @@ from importlib import resources
 import pandas as pd
 
 from ..errors import ConfigError
-from ..specs import parse_arch
+from ..specs import arch_label, canonical_arch, family_of
 
 # Which source wins when the same (dataset, model, connectivity, K, metric) appears in several places:
-# the tables (4 runs, best/mean/std) before the Fig. 3 values read off a bar chart.
-SOURCE_PRIORITY = ("eccv-table2", "v1-poster-cifar10", "eccv-table3", "eccv-fig3", "eccv-table1", "eccv-text")
+# the tables (4 runs, best/mean/std, or Table 1's single values) before the values read off a bar chart.
+SOURCE_PRIORITY = ("eccv-table2", "v1-poster-cifar10", "eccv-table3", "eccv-table1", "eccv-text", "eccv-fig3",
+                   "eccv-fig2")
 
-CONNECTIVITY_NAMES = {"full": "Fixed-Full", "random": "Fixed-Random", "learned": "Learned", "prev": "ResNet"}
+CONNECTIVITY_NAMES = {"full": "Fixed-Full", "prev": "Fixed-Prev", "random": "Fixed-Random", "learned": "Learned"}
 
 
 def normalize_model(model) -> str:
-    """"29,8,8", "29-8-8", "{29,8,8}", (29, 8, 8) -> "29,8,8" (read by :func:`maskconnect.specs.parse_arch`);
-    names such as "resnet38" pass through."""
+    """"29,8,8", "29-8-8", "{29,8,8}", (29, 8, 8) -> "29,8,8"; "ResNet-38" -> "resnet38"
+    (:func:`maskconnect.specs.canonical_arch`); any other name passes through, stripped."""
     try:
-        return ",".join(str(x) for x in parse_arch(model))
+        return canonical_arch(model)
     except ConfigError:
         pass
     if isinstance(model, (tuple, list)):
@@ -36,17 +37,23 @@ def normalize_model(model) -> str:
 
 
 def model_parts(model) -> tuple[int, int, int] | None:
-    """(D, w, C) of a "D,w,C" model, None for a named model."""
+    """(D, w, C) of a ResNeXt "D,w,C", None for a ResNet or another name."""
     try:
-        return parse_arch(normalize_model(model))
+        fam = family_of(normalize_model(model))
     except ConfigError:
         return None
+    if fam.name != "resnext":
+        return None
+    f = fam.parse(normalize_model(model))
+    return f["depth"], f["width"], f["cardinality"]
 
 
 def model_label(model) -> str:
-    """The paper's notation: {29,8,8}."""
-    text = normalize_model(model)
-    return "{" + text + "}" if model_parts(text) else text
+    """The paper's notation: {29,8,8}, ResNet-38."""
+    try:
+        return arch_label(model)
+    except ConfigError:
+        return normalize_model(model)
 
 
 @lru_cache(maxsize=1)
@@ -126,14 +133,12 @@ def paper_configs(source: str) -> pd.DataFrame:
 
 
 def paper_stage_width(model) -> int | None:
-    """The output width of stage 1 in the paper's network {D,w,C} (64/256 for the CIFAR models, 256 for
-    ImageNet; ``maskconnect.specs``); None for a model the paper does not have."""
-    from ..specs import CIFAR_STAGE_WIDTH, IMAGENET_STAGE_WIDTH, PAPER_ARCHS
-
-    parts = model_parts(model)
-    if parts in PAPER_ARCHS["imagenet"]:
-        return IMAGENET_STAGE_WIDTH
-    return CIFAR_STAGE_WIDTH.get(parts)
+    """The output width of stage 1 in the paper's network (64/256 for the CIFAR ResNeXts, 256 for ImageNet's,
+    16 for the CIFAR ResNets; ``maskconnect.specs``); None for a model the paper does not have."""
+    try:
+        return family_of(normalize_model(model)).paper_stage_width(normalize_model(model))
+    except ConfigError:
+        return None
 
 
 def paper_datasets() -> set[str]:

@@ -1,8 +1,8 @@
 """Result tables: ours (mean ± 95% t interval over seeds) beside the paper's "best (mean ± std)".
 
-One table per paper table or figure (CIFAR-100 Table 2, CIFAR-10 poster table, ImageNet Table 3,
-Fig. 3 K-sweep) and one generic table per dataset for runs no paper table covers (e.g. the ``digits``
-demo). Each is written three ways: booktabs LaTeX (a fragment to ``\\input``), Markdown and CSV.
+One table per paper table or figure (ResNeXt: CIFAR-100 Table 2, CIFAR-10 poster table, ImageNet Table 3,
+Fig. 3 K-sweep; ResNet: CIFAR-100 Table 1, Fig. 2 K-sweep, ImageNet ResNet-50) and one generic table per
+dataset for the configurations no paper table shows (e.g. the ``digits`` demos). Each is written three ways: booktabs LaTeX (a fragment to ``\\input``), Markdown and CSV.
 The CSV holds the numbers (empty where undefined); the LaTeX and Markdown hold formatted text in which
 an undefined quantity is a dash or "n=1", never "nan".
 
@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import ConfigError
 from ..experiments import run_id
 from ..io import atomic_write_text
-from .paper import CONNECTIVITY_NAMES, model_label, model_parts, paper_configs, paper_stats
+from ..specs import FAMILIES, baseline_of, family_of
+from .paper import CONNECTIVITY_NAMES, model_label, normalize_model, paper_configs, paper_stats
 from .runs import KEY
 from .stats import t_interval, welch
 
 GROUP = ["dataset", "arch", "connectivity", "fan_in"]
-CONN_ORDER = {"full": 0, "random": 1, "learned": 2}
+CONN_ORDER = {"full": 0, "prev": 0, "random": 1, "learned": 2}
 METRIC_NAMES = {"top1": "Top-1", "top5": "Top-5"}
 DASH = "—"
 
@@ -40,12 +42,31 @@ class TableSpec:
     source: str | None = None  # a `source` of reference_results.csv; None: no paper columns
     metrics: tuple[str, ...] = ("top1",)
     models: frozenset[str] | None = None  # None: the models of `source`, or all (generic table)
+    paper_rows_only: bool = False  # only the (model, connectivity, K) the source reports (a model in two sources)
 
     def model_set(self) -> frozenset[str] | None:
         if self.models is not None or self.source is None:
             return self.models
         cfg = paper_configs(self.source)
         return frozenset(cfg.loc[cfg["dataset"] == self.dataset, "model"])
+
+    def paper_rows(self) -> frozenset[tuple[str, str, int]]:
+        """(model, connectivity, K) of the rows the source reports on this dataset."""
+        cfg = paper_configs(self.source)
+        cfg = cfg[cfg["dataset"] == self.dataset]
+        return frozenset((m, c, int(k)) for m, c, k in zip(cfg["model"], cfg["connectivity"], cfg["fan_in"]))
+
+    def selects(self, df: pd.DataFrame) -> pd.Series:
+        """Which rows of ``df`` (columns dataset, arch, connectivity, fan_in) belong in this table."""
+        keep = df["dataset"] == self.dataset
+        models = self.model_set()
+        if models is not None:
+            keep &= df["arch"].isin(models)
+        if self.paper_rows_only:
+            rows = self.paper_rows()
+            keep &= pd.Series([(a, c, int(k)) in rows for a, c, k in zip(df["arch"], df["connectivity"], df["fan_in"])],
+                              index=df.index, dtype=bool)
+        return keep
 
 
 PAPER_TABLES = (
@@ -55,6 +76,12 @@ PAPER_TABLES = (
               "eccv-table3", metrics=("top1", "top5")),
     TableSpec("fig3_ksweep_cifar100", "CIFAR-100, effect of fan-in K, ResNeXt {20,4,8} (ECCV 2018 Fig. 3)",
               "cifar100", "eccv-fig3"),
+    TableSpec("table1_resnet_cifar100", "CIFAR-100, ResNet, learned module connectivity (ECCV 2018 Table 1)",
+              "cifar100", "eccv-table1", paper_rows_only=True),
+    TableSpec("fig2_ksweep_resnet38", "CIFAR-100, effect of fan-in K, learned ResNet-38 (ECCV 2018 Fig. 2)",
+              "cifar100", "eccv-fig2", paper_rows_only=True),
+    TableSpec("resnet50_imagenet", "ImageNet, ResNet-50, single-crop validation (ECCV 2018 text)", "imagenet",
+              "eccv-text", paper_rows_only=True),
 )
 
 
@@ -72,19 +99,36 @@ class Table:
 
 # ---- numbers ----------------------------------------------------------------------------------------
 
+def model_order(arch) -> tuple:
+    """Sort key of a model: the family (in registry order), then depth, width and cardinality."""
+    try:
+        fam = family_of(normalize_model(arch))
+    except ConfigError:
+        return (len(FAMILIES), 0, 0, 0)
+    f = fam.parse(normalize_model(arch))
+    return (list(FAMILIES).index(fam.name), f["depth"], f["width"], f["cardinality"])
+
+
+def _baseline(arch) -> tuple[str, int] | None:
+    try:
+        return baseline_of(normalize_model(arch))
+    except ConfigError:
+        return None
+
+
 def _sort_key(df: pd.DataFrame) -> pd.DataFrame:
-    parts = df["arch"].map(lambda a: model_parts(a) or (10**9, 0, 0))
-    return df.assign(_m=parts, _c=df["connectivity"].map(lambda c: CONN_ORDER.get(c, 9)))
+    return df.assign(_m=df["arch"].map(model_order), _c=df["connectivity"].map(lambda c: CONN_ORDER.get(c, 9)))
 
 
 def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
     """One row per configuration (dataset, arch, connectivity, fan_in) with seed statistics and,
-    for Learned rows, Welch tests vs Fixed-Full of the same model and Fixed-Random of the same model
-    and K. Undefined numbers are NaN here (empty in CSV); the reasons are in the *_reason columns."""
+    for Learned rows, Welch tests vs the same model's baseline wiring (Fixed-Full for a ResNeXt, Fixed-Prev
+    for a ResNet) and vs Fixed-Random of the same model and K. Undefined numbers are NaN here (empty in
+    CSV); the reasons are in the *_reason columns."""
     cols = [*GROUP, "n", "seeds", "epochs"]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_ci95", f"{m}_std", f"{m}_best", f"{m}_n"]
-    cols += ["params_train_M", "params_test_M", "diff_vs_full", "p_vs_full", "p_vs_full_reason",
+    cols += ["params_train_M", "params_test_M", "diff_vs_baseline", "p_vs_baseline", "p_vs_baseline_reason",
              "diff_vs_random", "p_vs_random", "p_vs_random_reason"]
     if runs is None or len(runs) == 0:
         return pd.DataFrame(columns=cols)
@@ -105,13 +149,13 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
         row["params_train_M"] = g["params_train"].mean() / 1e6
         row["params_test_M"] = g["params_test"].mean() / 1e6
         if conn == "learned":
-            parts = model_parts(arch)
-            refs = {"full": (dataset, arch, "full", parts[2] if parts else None),
-                    "random": (dataset, arch, "random", int(k))}
+            base = _baseline(arch)
+            refs = {"baseline": (dataset, arch, *base) if base else None, "random": (dataset, arch, "random", int(k))}
             for name, ref in refs.items():
                 other = groups.get(ref)
                 if other is None:
-                    row[f"p_vs_{name}_reason"] = f"no {CONNECTIVITY_NAMES[name]} runs"
+                    which = CONNECTIVITY_NAMES[ref[2] if ref else "full"] if name == "baseline" else CONNECTIVITY_NAMES[name]
+                    row[f"p_vs_{name}_reason"] = f"no {which} runs"
                     continue
                 w = welch(g["top1"], other["top1"])
                 row.update({f"diff_vs_{name}": w.diff, f"p_vs_{name}": w.p, f"p_vs_{name}_reason": w.reason})
@@ -218,8 +262,8 @@ def _format(df: pd.DataFrame, spec: TableSpec, with_paper: bool) -> tuple[pd.Dat
             out["Paper params train / test (M)"] = [
                 DASH if not (_ok(a) or _ok(b)) else f"{fmt_params(a)} / {fmt_params(b)}"
                 for a, b in zip(df["paper_params_train_M"], df["paper_params_test_M"])]
-    out["p vs Full"] = [fmt_p(p, r) if c == "learned" else DASH
-                        for p, r, c in zip(df["p_vs_full"], df["p_vs_full_reason"], df["connectivity"])]
+    out[_baseline_header(df)] = [fmt_p(p, r) if c == "learned" else DASH
+                                 for p, r, c in zip(df["p_vs_baseline"], df["p_vs_baseline_reason"], df["connectivity"])]
     out["p vs Random (same K)"] = [fmt_p(p, r) if c == "learned" else DASH
                                    for p, r, c in zip(df["p_vs_random"], df["p_vs_random_reason"],
                                                       df["connectivity"])]
@@ -237,24 +281,30 @@ def _format(df: pd.DataFrame, spec: TableSpec, with_paper: bool) -> tuple[pd.Dat
     return cells, bold
 
 
+def _baseline_header(df: pd.DataFrame) -> str:
+    """"p vs Full" (ResNeXt rows), "p vs Prev" (ResNet rows), or "p vs baseline" when a table holds both."""
+    names = {CONNECTIVITY_NAMES[b[0]].removeprefix("Fixed-") for b in map(_baseline, df["arch"]) if b}
+    return f"p vs {names.pop()}" if len(names) == 1 else "p vs baseline"
+
+
 def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame | None = None,
-                exclude_models: frozenset[str] = frozenset()) -> Table | None:
+                exclude: tuple[TableSpec, ...] = ()) -> Table | None:
     """The table for one spec from :func:`summarize` output, or None if no run belongs in it.
 
     ``missing`` (columns KEY) are expected runs without a complete run; those of this table are
-    listed in its notes, as are the paper's rows that no run reproduces.
+    listed in its notes, as are the paper's rows that no run reproduces. Rows that a table of
+    ``exclude`` shows are left out (the generic table of a dataset shows what no paper table does).
     """
-    models = spec.model_set()
-    sel = summary[summary["dataset"] == spec.dataset]
-    if models is not None:
-        sel = sel[sel["arch"].isin(models)]
-    sel = sel[~sel["arch"].isin(exclude_models)].reset_index(drop=True)
+    def chosen(df: pd.DataFrame) -> pd.DataFrame:
+        keep = spec.selects(df)
+        for other in exclude:
+            keep &= ~other.selects(df)
+        return df[keep]
+
+    sel = chosen(summary).reset_index(drop=True)
     notes = []
     if missing is not None and len(missing):
-        mm = missing[missing["dataset"] == spec.dataset]
-        if models is not None:
-            mm = mm[mm["arch"].isin(models)]
-        mm = mm[~mm["arch"].isin(exclude_models)]
+        mm = chosen(missing)
         if len(mm):
             ids = [run_id(*r) for r in mm[KEY].itertuples(index=False, name=None)]
             notes.append(f"Missing runs ({len(ids)} expected, not complete): " + ", ".join(ids) + ".")
@@ -284,8 +334,9 @@ def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame
         cells, bold = _format(sel, spec, with_paper)
     notes.append("Ours: final test accuracy over seeds, mean ± half-width of the 95% Student-t interval "
                  "(\"n=1\": one seed, no interval); Best: best seed; bold: best mean of a model. "
-                 "p: Welch's two-sided t-test on seeds of a Learned row vs Fixed-Full of the same model "
-                 "and vs Fixed-Random of the same model and K (\"n<2\": fewer than two seeds on a side)."
+                 "p: Welch's two-sided t-test on seeds of a Learned row vs the same model's own wiring (Fixed-Full "
+                 "for a ResNeXt, Fixed-Prev for a ResNet) and vs Fixed-Random of the same model and K (\"n<2\": "
+                 "fewer than two seeds on a side)."
                  + (" Δ: our mean minus the paper's mean (or its single value)." if with_paper else ""))
     data = sel.rename(columns={"arch": "model"})
     return Table(spec=spec, data=data, cells=cells, bold=bold, blocks=list(sel["arch"]), notes=notes)
@@ -298,21 +349,20 @@ def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
     if summary is None:
         summary = summarize(runs)
     tables = []
-    covered: dict[str, set] = {}
     for spec in PAPER_TABLES:
         t = build_table(summary, spec, missing=missing)
-        covered.setdefault(spec.dataset, set()).update(spec.model_set() or ())
         if t is not None:  # rows, or at least the note listing this table's missing runs
             tables.append(t)
     datasets = list(summary["dataset"])
     if missing is not None:
         datasets += list(missing["dataset"])
     for ds in dict.fromkeys(datasets):
-        if ds in covered:
+        papers = tuple(p for p in PAPER_TABLES if p.dataset == ds)
+        if papers:
             spec = TableSpec(f"table_{ds}_other", f"{ds}: configurations outside the paper's tables", ds)
         else:
             spec = TableSpec(f"table_{ds}", f"{ds} (not a dataset of the paper)", ds)
-        t = build_table(summary, spec, missing=missing, exclude_models=frozenset(covered.get(ds, ())))
+        t = build_table(summary, spec, missing=missing, exclude=papers)
         if t is not None:
             tables.append(t)
     return tables

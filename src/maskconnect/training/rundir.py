@@ -22,7 +22,7 @@ import torch
 from ..errors import RunDirError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..provenance import git_commit, run_device, versions
-from ..specs import ModelSpec
+from ..specs import MASKED, ModelSpec
 from .config import LEARNED_ONLY, TrainConfig, identity_of
 from .lock import RunLock
 
@@ -102,7 +102,7 @@ def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
                 print(f"{metrics} is unreadable ({e}): rebuilding it from {CHECKPOINT}", file=sys.stderr)
                 return "resume", None
             return "complete", f"{metrics} is unreadable ({e}) and {out / CHECKPOINT} cannot rebuild it"
-        files = [out / CHECKPOINT] + ([out / "pruned.pt", out / "masks.json"] if cfg.connectivity != "full" else [])
+        files = [out / CHECKPOINT] + ([out / "pruned.pt", out / "masks.json"] if cfg.connectivity in MASKED else [])
         for f in files:
             problem = _file_problem(f, cfg)
             if problem:
