@@ -118,3 +118,22 @@ def test_report_of_a_resnet_grid(resnet_results, tmp_path):
     assert masks_png and masks_png[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tex = (tmp_path / "out" / "tables" / "table1_resnet_cifar100.tex").read_text()
     assert "\\toprule" in tex and "68.54" in tex and "70.40" in tex
+
+
+def test_the_digits_demo_shows_table1s_shape_beside_the_papers_cifar100_numbers(tmp_path):
+    for seed in range(3):
+        for (conn, k), top1 in {("prev", 1): 95.0, ("random", 10): 93.0, ("learned", 10): 95.5}.items():
+            write_resnet_run(tmp_path / "runs" / "demo-resnet", "digits", "resnet38", conn, k, seed, top1 + 0.2 * seed,
+                             epochs=18)
+    written = build_report(tmp_path, tmp_path / "out", grid="demo-resnet")
+    tables = {t.spec.name: t for t in build_tables(scan_runs(tmp_path, "demo-resnet")[0])}
+    t = tables["table1_shape_digits"]
+    paper = t.cells["Paper top-1 (cifar100)"].tolist()
+    assert t.cells["Connectivity"].tolist() == ["Fixed-Prev", "Fixed-Random", "Learned"]
+    assert paper == ["68.54", "62.67", "70.40"]
+    assert not any(c.startswith("Δ") for c in t.cells.columns)   # another dataset: no difference is shown
+    assert any("cifar100's, beside ours for the table's shape" in n for n in t.notes)
+    assert not any(n.startswith("Paper rows with no run here") for n in t.notes)  # ResNet-74/110 are not digits'
+    assert "table_digits" not in tables   # every digits configuration is in the shaped table
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "Demo, not evidence about the paper" in text and "tables/table1_shape_digits.md" in written

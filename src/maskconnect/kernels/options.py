@@ -1,4 +1,5 @@
-"""The switches of the kernels: one frozen :class:`KernelOptions`, read at call time through :func:`current`.
+"""The switches of the kernels: one frozen :class:`KernelOptions`, read through :func:`current` (at call time;
+``save_memory`` when a model is built).
 
 Every switch picks between two ways of computing the same function (docs/design.md section 10); the
 measurements that set each default are in the docstring of the file that holds the kernel. Benchmarks

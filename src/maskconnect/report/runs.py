@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ..experiments.paths import RUN_ID_PARTS, parse_run_id
+from ..specs import baseline_of
 from .paper import model_parts, normalize_model
 
 # Columns of the runs table, in order. Accuracies in %, parameters and FLOPs as counts.
@@ -57,8 +58,8 @@ def _row(metrics: Mapping, run_dir: Path, root: Path, grid: str | None) -> dict:
                                               metrics.get("cardinality"))
     conn = str(metrics["connectivity"])
     fan_in = metrics.get("fan_in")
-    if fan_in is None and conn == "full":
-        fan_in = card  # the fan-in of a Fixed-Full run is C
+    if fan_in is None and conn in ("full", "prev"):
+        fan_in = baseline_of(arch)[1]  # the fan-in of a model's own wiring: C (Fixed-Full), 1 (Fixed-Prev)
     rel = run_dir.relative_to(root)
     if grid is None:
         grid = "/".join(rel.parts[:-RUN_ID_PARTS]) if len(rel.parts) > RUN_ID_PARTS else ""
@@ -132,8 +133,8 @@ def expected_keys(expected: Iterable) -> list[tuple]:
         elif isinstance(item, Mapping):
             d = dict(item)
             d["arch"] = normalize_model(d["arch"])
-            if d.get("fan_in") is None and d["connectivity"] == "full":
-                d["fan_in"] = model_parts(d["arch"])[2]
+            if d.get("fan_in") is None and d["connectivity"] in ("full", "prev"):
+                d["fan_in"] = baseline_of(d["arch"])[1]
         else:
             d = dict(zip(KEY, item))
             d["arch"] = normalize_model(d["arch"])

@@ -43,17 +43,22 @@ class TableSpec:
     metrics: tuple[str, ...] = ("top1",)
     models: frozenset[str] | None = None  # None: the models of `source`, or all (generic table)
     paper_rows_only: bool = False  # only the (model, connectivity, K) the source reports (a model in two sources)
+    paper_dataset: str | None = None  # the paper's numbers of another dataset, for shape (the digits demos)
+
+    @property
+    def reference_dataset(self) -> str:
+        return self.paper_dataset or self.dataset
 
     def model_set(self) -> frozenset[str] | None:
         if self.models is not None or self.source is None:
             return self.models
         cfg = paper_configs(self.source)
-        return frozenset(cfg.loc[cfg["dataset"] == self.dataset, "model"])
+        return frozenset(cfg.loc[cfg["dataset"] == self.reference_dataset, "model"])
 
     def paper_rows(self) -> frozenset[tuple[str, str, int]]:
-        """(model, connectivity, K) of the rows the source reports on this dataset."""
+        """(model, connectivity, K) of the rows the source reports on its dataset."""
         cfg = paper_configs(self.source)
-        cfg = cfg[cfg["dataset"] == self.dataset]
+        cfg = cfg[cfg["dataset"] == self.reference_dataset]
         return frozenset((m, c, int(k)) for m, c, k in zip(cfg["model"], cfg["connectivity"], cfg["fan_in"]))
 
     def selects(self, df: pd.DataFrame) -> pd.Series:
@@ -82,6 +87,9 @@ PAPER_TABLES = (
               "cifar100", "eccv-fig2", paper_rows_only=True),
     TableSpec("resnet50_imagenet", "ImageNet, ResNet-50, single-crop validation (ECCV 2018 text)", "imagenet",
               "eccv-text", paper_rows_only=True),
+    # the embedded data in Table 1's shape, the paper's CIFAR-100 numbers beside it for shape, not comparison
+    TableSpec("table1_shape_digits", "digits, ResNet-38 in the shape of ECCV 2018 Table 1 (paper: CIFAR-100)",
+              "digits", "eccv-table1", models=frozenset({"resnet38"}), paper_rows_only=True, paper_dataset="cifar100"),
 )
 
 
@@ -172,15 +180,17 @@ def _add_paper(df: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     """Paper columns for each row, from spec.source (NaN where the paper has no number)."""
     df = df.copy()
     for m in spec.metrics:
-        stats = [paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, m, spec.source)
+        stats = [paper_stats(spec.reference_dataset, r.arch, r.connectivity, r.fan_in, m, spec.source)
                  for r in df.itertuples()]
         for s in ("best", "mean", "std", "value"):
             df[f"paper_{m}_{s}"] = [getattr(p, s) if p else None for p in stats]
             df[f"paper_{m}_{s}"] = df[f"paper_{m}_{s}"].astype(float)
         center = [p.center if p else None for p in stats]
-        df[f"diff_{m}_vs_paper"] = df[f"{m}_mean"] - pd.Series(center, index=df.index, dtype=float)
+        # across datasets a difference means nothing: left undefined
+        diff = df[f"{m}_mean"] - pd.Series(center, index=df.index, dtype=float)
+        df[f"diff_{m}_vs_paper"] = diff if spec.reference_dataset == spec.dataset else float("nan")
     for which in ("train", "test"):
-        vals = [paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, f"params_{which}", spec.source)
+        vals = [paper_stats(spec.reference_dataset, r.arch, r.connectivity, r.fan_in, f"params_{which}", spec.source)
                 for r in df.itertuples()]
         df[f"paper_params_{which}_M"] = pd.Series([v.value / 1e6 if v else None for v in vals],
                                                   index=df.index, dtype=float)
@@ -256,8 +266,11 @@ def _format(df: pd.DataFrame, spec: TableSpec, with_paper: bool) -> tuple[pd.Dat
             label = METRIC_NAMES.get(m, m)
             over_runs = df[f"paper_{m}_mean"].notna().any()  # else single values (Fig. 3, ImageNet)
             head = f"Paper {label.lower()}" + (" best (mean ± std)" if over_runs else "")
+            if spec.reference_dataset != spec.dataset:
+                head += f" ({spec.reference_dataset})"
             out[head] = [_paper_cell(r, m) for _, r in df.iterrows()]
-            out[f"Δ {label.lower()} vs paper"] = [fmt_num(x, signed=True) for x in df[f"diff_{m}_vs_paper"]]
+            if spec.reference_dataset == spec.dataset:
+                out[f"Δ {label.lower()} vs paper"] = [fmt_num(x, signed=True) for x in df[f"diff_{m}_vs_paper"]]
         if has_p_params:
             out["Paper params train / test (M)"] = [
                 DASH if not (_ok(a) or _ok(b)) else f"{fmt_params(a)} / {fmt_params(b)}"
@@ -314,15 +327,17 @@ def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame
     if with_paper:
         sel = _add_paper(sel, spec)
         cfg = paper_configs(spec.source)
-        cfg = cfg[cfg["dataset"] == spec.dataset]
+        cfg = cfg[cfg["dataset"] == spec.reference_dataset]
         have = set(zip(sel["arch"], sel["connectivity"], sel["fan_in"]))
+        models = spec.model_set()
         absent = [f"{model_label(r.model)} {CONNECTIVITY_NAMES.get(r.connectivity, r.connectivity)} K={r.fan_in}"
-                  for r in cfg.itertuples() if (r.model, r.connectivity, int(r.fan_in)) not in have]
+                  for r in cfg.itertuples() if (r.model, r.connectivity, int(r.fan_in)) not in have
+                  and (models is None or r.model in models)]
         if absent:
             notes.append("Paper rows with no run here: " + ", ".join(absent) + ".")
         # the paper's own caveats for the numbers shown ("read off the bar chart", "Xie et al. ...")
         extra = sorted({piece for r in sel.itertuples() for m in spec.metrics
-                        if (p := paper_stats(r.dataset, r.arch, r.connectivity, r.fan_in, m, spec.source))
+                        if (p := paper_stats(spec.reference_dataset, r.arch, r.connectivity, r.fan_in, m, spec.source))
                         for piece in p.note.split("; ") if piece and piece != "4 runs"})
         if extra:
             notes.append("Paper notes: " + "; ".join(extra) + ".")
@@ -337,7 +352,10 @@ def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame
                  "p: Welch's two-sided t-test on seeds of a Learned row vs the same model's own wiring (Fixed-Full "
                  "for a ResNeXt, Fixed-Prev for a ResNet) and vs Fixed-Random of the same model and K (\"n<2\": "
                  "fewer than two seeds on a side)."
-                 + (" Δ: our mean minus the paper's mean (or its single value)." if with_paper else ""))
+                 + (" Δ: our mean minus the paper's mean (or its single value)." if with_paper
+                    and spec.reference_dataset == spec.dataset else "")
+                 + (f" The paper's numbers are {spec.reference_dataset}'s, beside ours for the table's shape: another "
+                    "dataset, not a comparison." if spec.reference_dataset != spec.dataset else ""))
     data = sel.rename(columns={"arch": "model"})
     return Table(spec=spec, data=data, cells=cells, bold=bold, blocks=list(sel["arch"]), notes=notes)
 
@@ -358,7 +376,7 @@ def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
         datasets += list(missing["dataset"])
     for ds in dict.fromkeys(datasets):
         papers = tuple(p for p in PAPER_TABLES if p.dataset == ds)
-        if papers:
+        if any(p.paper_dataset is None for p in papers):
             spec = TableSpec(f"table_{ds}_other", f"{ds}: configurations outside the paper's tables", ds)
         else:
             spec = TableSpec(f"table_{ds}", f"{ds} (not a dataset of the paper)", ds)
