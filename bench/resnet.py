@@ -71,7 +71,8 @@ def cost(args) -> dict:
         opt = torch.optim.SGD(param_groups(model, lr=0.1, weight_decay=5e-4), lr=0.1, momentum=0.9)
         times = _steps(model, x, y, opt, args.repeats, args.warmup)
         mem = saved_bytes(model, x[: min(8, args.batch)])
-        rows.append({"connectivity": conn, "fan_in": spec.fan_in, "path": "plain" if plain else "vectorised",
+        path = "standard" if conn == "prev" else ("plain" if plain else "vectorised")
+        rows.append({"connectivity": conn, "fan_in": spec.fan_in, "path": path,
                      "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times),
                      "repeats": len(times), "saved_bytes_per_image": mem["activations"] / min(8, args.batch)})
     base = rows[0]
