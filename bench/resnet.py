@@ -22,7 +22,6 @@ Two parts:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time

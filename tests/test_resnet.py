@@ -21,7 +21,7 @@ from torch import nn
 from maskconnect.connectivity import (candidate_masks, count_mask_entries, count_weights, freeze_masks, mask_banks,
                                       random_masks, sample_masks, topk_masks)
 from maskconnect.mask_rules import MASK_RULES, centre_rows_, project_capped_simplex
-from maskconnect.models import MaskedResNet, ResNet, build_model, load_baseline_weights
+from maskconnect.models import ResNet, build_model, load_baseline_weights
 from maskconnect.models.pruning import load_pruned, prune, prune_report, save_pruned
 from maskconnect.specs import make_spec
 from reference import randomize_bn, reachable_blocks, reference_cifar_resnet

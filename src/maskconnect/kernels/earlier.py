@@ -165,7 +165,7 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         (row,) = ctx.saved_tensors
-        store, scale, shape = ctx.store, ctx.scale, ctx.shape
+        store, scale = ctx.store, ctx.scale
         if ctx.reader == store.readers - 1:  # every path from the output to an earlier block passes through the
             store.grad = [None] * len(store.sizes)   # last reader: a new backward pass starts from zero
         g_row = torch.zeros_like(row) if ctx.needs_input_grad[0] else None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from ..connectivity import FixedMasks, MaskBank, candidate_masks
+from ..connectivity import MaskBank, candidate_masks
 from ..kernels import BatchNorm2d, EarlierOutputs, Shortcut1x1
 from ..specs import ModelSpec, validate
 from .resnext import init_weights

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _value(c: dict) -> str:
     if c.get("skipped"):
@@ -29,7 +31,6 @@ def _value(c: dict) -> str:
 
 
 def markdown(rec: dict) -> str:
-    from .runner import hours_text
 
     env = rec["environment"]
     n_pass = sum(c["passed"] for c in rec["checks"])
@@ -58,3 +59,9 @@ def markdown(rec: dict) -> str:
         t = proj["total"]
         lines.append(f"| **all** | {t['runs']} | {hours_text(t['hours'])} | {hours_text(t['device_hours'])} |")
     return "\n".join(lines) + "\n"
+
+
+def hours_text(h: float | None) -> str:
+    if h is None or not math.isfinite(h):
+        return "-"
+    return f"{h:,.2f}" if h < 100 else f"{h:,.0f}"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -163,12 +162,6 @@ def write(out: Path, rec: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preflight.json", rec)
     atomic_write_text(out / "preflight.md", markdown(rec))
-
-
-def hours_text(h: float | None) -> str:
-    if h is None or not math.isfinite(h):
-        return "-"
-    return f"{h:,.2f}" if h < 100 else f"{h:,.0f}"
 
 
 __all__ = ["run_preflight", "plan_runs", "grid_device", "Preflight", "RunPlan", "DEFAULT_OUT"]
