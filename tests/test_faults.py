@@ -522,3 +522,82 @@ def test_mask_flags_on_a_fixed_full_run_are_ignored_without_changing_its_identit
     # a bad value is still refused
     assert main(["train", *TINY, "--epochs", "1", "--no-track", "--out", str(out), "--mask-rule", "nope"]) == 2
     assert "invalid mask_rule='nope'" in capsys.readouterr().err
+
+
+# ---- 7. names, links, data and settings that cannot be used: one line, the right exit code -----------
+
+def _one_error_line(err: str) -> str:
+    """The one ``error:`` line of ``err`` (notes and warnings may come before it)."""
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def learned_k1(tmp_path_factory) -> Path:
+    """A finished learned run (K=1, smoke recipe: masks frozen after epoch 1) whose pruning removes branches."""
+    run = tmp_path_factory.mktemp("learned") / "run"
+    proc = _cli("train", *TINY, "--connectivity", "learned", "--fan-in", "1", "--recipe", "smoke", "--no-track",
+                "--out", run)
+    _clean(proc, 0)
+    return run
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize("place", ["train --out", "evaluate --run", "evaluate --out", "preflight --out", "report --out"])
+def test_a_name_longer_than_255_bytes_is_one_line_exit_2(place, tmp_path):
+    long = tmp_path / "x" / LONG
+    command = {"train --out": ["train", *TINY, "--no-track", "--out", long],
+               "evaluate --run": ["evaluate", "--run", long, "--device", "cpu"],
+               "evaluate --out": ["evaluate", "--run", tmp_path, "--device", "cpu", "--out", long],
+               "preflight --out": ["preflight", "--grid", "demo", "--device", "cpu", "--out", long],
+               "report --out": ["report", "--results", tmp_path, "--out", long]}[place]
+    err = _clean(_cli(*command, timeout=120), 2).strip()
+    assert len(err.splitlines()) == 1, err
+    flag = place.split()[1]
+    assert f"{flag} {long}: " in err or f"invalid out='{long}'" in err
+    assert "has 300 bytes" in err and "at most 255" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_symbolic_link_as_out_is_named_as_one(kind, tmp_path):
+    link = tmp_path / "run"
+    link.symlink_to(link if kind == "loop" else tmp_path / "nowhere")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--out", link), 2).strip()
+    assert len(err.splitlines()) == 1 and "is a file" not in err
+    assert {"loop": f"--out {link} is a symbolic link that loops",
+            "dangling": f"--out {link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"}[kind] in err
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_report_out_that_cannot_be_written_is_refused_first(learned_k1, tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    _copy_run(learned_k1, results / "runs" / "g" / "digits" / "11-2-4" / "learned-K1" / "seed0")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, words in ((afile, f"--out {afile} is a file, not a folder"),
+                       (afile / "report", f"--out {afile / 'report'} lies under {afile}, which is a file, not a folder")):
+        t0 = time.monotonic()
+        err = _clean(_cli("report", "--results", results, "--out", out), 2).strip()
+        assert err == f"maskconnect report: error: {words}"
+        print(f"report --out {out}: refused in {time.monotonic() - t0:.1f} s")
+    assert afile.read_text() == "x"
+
+
+@needs_ns
+def test_report_out_on_a_read_only_mount_is_refused_first(learned_k1, tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    _copy_run(learned_k1, results / "runs" / "g" / "digits" / "11-2-4" / "learned-K1" / "seed0")
+    ro = tmp_path / "ro"
+    err = _clean(_run(_ns(_ro(ro), _cmd("report", "--results", results, "--out", ro / "report"))), 2).strip()
+    assert err == f"maskconnect report: error: --out {ro / 'report'}: cannot write in it (Read-only file system)"

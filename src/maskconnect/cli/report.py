@@ -36,6 +36,7 @@ def register(sub) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """`maskconnect report`: build the report; user errors raise MaskConnectError (exit code 2)."""
+    from ..io import check_output_dir
     from ..report import build_report, read_expected
 
     try:
@@ -51,6 +52,7 @@ def run_report(args: argparse.Namespace) -> int:
             expected_keys(expected)  # fail here, naming the file, on a malformed run id
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError("expected", str(args.expected), f"a readable list of run ids ({e})") from e
+    check_output_dir(args.out, "--out")  # before the work: an unusable path fails in a second, exit 2
     written = build_report(args.results, args.out, grid=args.grid, expected=expected)
     print(f"wrote {len(written)} files under {args.out}; see {Path(args.out) / 'REPORT.md'}")
     return 0

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError
+from ..io import name_problem
 from ..specs import ModelSpec, make_spec
 from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
 
@@ -173,6 +174,9 @@ def check_out(out) -> str:
         raise ConfigError("out", out, "a run directory path (--out DIR), not empty")
     if "\0" in out:
         raise ConfigError("out", out, "a path without NUL characters")
+    problem = name_problem(out)
+    if problem:
+        raise ConfigError("out", out, problem)
     return out
 
 
