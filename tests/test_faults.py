@@ -578,6 +578,49 @@ def test_a_broken_symbolic_link_as_out_is_named_as_one(kind, tmp_path):
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
+def test_evaluate_rebuilds_a_missing_pruned_model_from_the_frozen_masks_and_says_so(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params_test"] < metrics["params_train"]            # pruning removes branches here
+    _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    with_file = json.loads((run / "eval.json").read_text())
+    (run / "pruned.pt").unlink()
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    assert f"{run / 'pruned.pt'} is missing: the pruned model is rebuilt from the frozen masks" in err
+    rebuilt = json.loads((run / "eval.json").read_text())
+    assert rebuilt["params_test"] == metrics["params_test"] < rebuilt["params_train"]
+    assert rebuilt["pruned_from"].startswith("checkpoint.pt") and with_file["pruned_from"] == "pruned.pt"
+    for key in ("pruned", "params_test", "flops_test", "branches_per_module"):
+        assert rebuilt[key] == with_file[key], key
+
+
+def test_evaluate_names_a_config_json_edited_after_training(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "arch": "20,2,4"}))
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 2).strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"maskconnect evaluate: error: {run / 'config.json'} is not the config "
+                          f"{run / 'checkpoint.pt'} was trained with (arch='20,2,4' in config.json, '11,2,4' in checkpoint.pt)")
+    assert not (run / "eval.json").exists()
+
+
+def test_a_zero_byte_checkpoint_is_named_in_the_suites_words(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    (run / "checkpoint.pt").write_bytes(b"")
+    empty = "an empty file (0 bytes)"
+    for command in (["evaluate", "--run", run, "--device", "cpu"],
+                    ["train", *TINY, "--connectivity", "learned", "--fan-in", "1", "--recipe", "smoke", "--no-track",
+                     "--out", run]):
+        err = _clean(_cli(*command), 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{run / 'checkpoint.pt'} cannot be loaded ({empty}" in err and "torch.save" not in err, err
+    (run / "metrics.json").unlink()                                    # an unfinished run: resume
+    (run / "checkpoint.prev.pt").write_bytes(b"")
+    err = _clean(_cli(*command), 2)
+    assert f"checkpoint.pt: {empty}" in err and f"checkpoint.prev.pt: {empty}" in err and "torch.save" not in err
+
+
 def test_report_out_that_cannot_be_written_is_refused_first(learned_k1, tmp_path):
     pytest.importorskip("pandas")
     results = tmp_path / "results"

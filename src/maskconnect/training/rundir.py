@@ -137,7 +137,7 @@ def _torch_problem(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zips, bad pickles, I/O errors: torch raises many kinds
-        return short_error(e)
+        return load_error(path, e)
     return None
 
 
@@ -147,12 +147,28 @@ def _checkpoint_problem(path: Path, cfg: TrainConfig) -> str | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        return short_error(e)
+        return load_error(path, e)
     if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
         return "not a checkpoint of this version"
     if identity_of(ck["config"]) != cfg.identity():
         return "it belongs to a different run (its config differs from config.json)"
     return None
+
+
+def load_error(path: Path, e: BaseException) -> str:
+    """Why torch.load failed on ``path``, in our words where torch's would mislead: an empty file, or
+    one that is not a zip archive (what torch.save writes), where torch speaks of pickles and of
+    re-saving with other options; else the first sentence of its error (:func:`short_error`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return short_error(e)
+    if not head:
+        return "an empty file (0 bytes): it was never written, or it was cut to nothing"
+    if head != b"PK\x03\x04":
+        return "not a file torch.save writes (not a zip archive): damaged, or another kind of file"
+    return short_error(e)
 
 
 def short_error(e: BaseException) -> str:
@@ -227,7 +243,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[dict, Path]:
             if identity_of(ck["config"]) != cfg.identity():
                 raise ValueError("it belongs to a different run")
         except Exception as e:
-            errors.append(f"{path.name}: {short_error(e)}")
+            errors.append(f"{path.name}: {load_error(path, e)}")
             continue
         if errors:
             print(f"{out}: {errors[0]}; resuming from {path.name} (epoch {ck['epoch']}) instead", file=sys.stderr)
