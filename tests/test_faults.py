@@ -621,6 +621,19 @@ def test_a_zero_byte_checkpoint_is_named_in_the_suites_words(learned_k1, tmp_pat
     assert f"checkpoint.pt: {empty}" in err and f"checkpoint.prev.pt: {empty}" in err and "torch.save" not in err
 
 
+def test_report_says_when_no_run_is_found_and_refuses_an_unknown_grid(tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    (results / "runs" / "demo").mkdir(parents=True)
+    proc = _cli("report", "--results", results, "--out", tmp_path / "report")
+    err = _clean(proc, 0).strip()
+    assert err == f"maskconnect report: warning: no complete run (metrics.json) found under {results / 'runs'}: the report has no numbers"
+    assert (tmp_path / "report" / "REPORT.md").exists()
+    err = _clean(_cli("report", "--results", results, "--out", tmp_path / "report2", "--grid", "nosuch"), 2).strip()
+    assert err == (f"maskconnect report: error: invalid grid='nosuch': a grid with run directories under {results} (demo)")
+    assert not (tmp_path / "report2").exists()
+
+
 def test_report_out_that_cannot_be_written_is_refused_first(learned_k1, tmp_path):
     pytest.importorskip("pandas")
     results = tmp_path / "results"
