@@ -578,6 +578,47 @@ def test_a_broken_symbolic_link_as_out_is_named_as_one(kind, tmp_path):
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
+def _imagenet(root: Path) -> Path:
+    """A tiny ImageFolder tree: two classes of three 48x40 JPEGs in train/ and val/."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+def test_a_corrupt_imagenet_image_is_found_by_prepare_data_and_named_by_the_loader(tmp_path):
+    root = _imagenet(tmp_path / "imagenet")
+    bad = root / "train" / "a" / "bad.JPEG"
+    bad.write_bytes(b"not a jpeg")                                      # a damaged header
+    good = (root / "val" / "b" / "0.JPEG").read_bytes()
+    cut = root / "val" / "b" / "cut.JPEG"
+    cut.write_bytes(good[: len(good) // 2])                             # a header, half the data
+    marker = tmp_path / "m.json"
+    proc = _cli("prepare-data", "--dataset", "imagenet", "--data-dir", root, "--marker", marker)
+    line = _one_error_line(_clean(proc, 2))
+    assert f"1 of 14 images in {root} cannot be read (header check), e.g. {bad}" in line
+    assert proc.stdout.splitlines() == [f"{bad}\tUnidentifiedImageError: cannot identify image file {str(bad)!r}"]
+    assert not marker.exists()
+    proc = _cli("prepare-data", "--dataset", "imagenet", "--data-dir", root, "--check-images", "full")
+    assert "2 of 14 images" in _one_error_line(_clean(proc, 2))
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [str(bad), str(cut)]
+    # training meets it: one line naming the file, from a DataLoader worker as from the main process
+    for workers in ("0", "1"):
+        out = tmp_path / f"run{workers}"
+        proc = _cli("train", "--dataset", "imagenet", "--data-dir", root, "--arch", "50,1,2", "--stage-width", "8",
+                    "--epochs", "1", "--batch-size", "4", "--workers", workers, "--no-track", "--device", "cpu",
+                    "--progress", "none", "--out", out)
+        err = _clean(proc, 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"imagenet: cannot read image {bad} (UnidentifiedImageError: " in err and "--check-images full" in err
+
+
 def test_evaluate_rebuilds_a_missing_pruned_model_from_the_frozen_masks_and_says_so(learned_k1, tmp_path):
     run = _copy_run(learned_k1, tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
@@ -619,6 +660,14 @@ def test_a_zero_byte_checkpoint_is_named_in_the_suites_words(learned_k1, tmp_pat
     (run / "checkpoint.prev.pt").write_bytes(b"")
     err = _clean(_cli(*command), 2)
     assert f"checkpoint.pt: {empty}" in err and f"checkpoint.prev.pt: {empty}" in err and "torch.save" not in err
+
+
+def test_a_marker_under_a_file_is_bad_input(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _clean(_cli("prepare-data", "--dataset", "digits", "--marker", afile / "m.json"), 2).strip()
+    assert err == f"maskconnect prepare-data: error: --marker {afile / 'm.json'}: {afile} is a file, not a directory"
+    assert afile.read_text() == "x"
 
 
 def test_report_says_when_no_run_is_found_and_refuses_an_unknown_grid(tmp_path):
