@@ -662,6 +662,22 @@ def test_a_zero_byte_checkpoint_is_named_in_the_suites_words(learned_k1, tmp_pat
     assert f"checkpoint.pt: {empty}" in err and f"checkpoint.prev.pt: {empty}" in err and "torch.save" not in err
 
 
+def test_corrupt_cifar_files_are_named_by_their_checksum_not_by_the_download(tmp_path):
+    data = tmp_path / "data"
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"damaged")
+    closed = _closed_port()  # the retried download fails at once, as without a network
+    env = _env(http_proxy=closed, https_proxy=closed, HTTP_PROXY=closed, HTTPS_PROXY=closed)
+    for command in (["prepare-data", "--dataset", "cifar10", "--data-dir", data],
+                    ["train", "--dataset", "cifar10", "--arch", "11,2,4", "--data-dir", data, "--no-track",
+                     "--device", "cpu", "--out", tmp_path / "run"]):
+        err = _clean(_cli(*command, env=env), 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"maskconnect {command[0]}: error: cifar10: cifar-10-batches-py/data_batch_1 in {data} "
+                              "fail their md5 check (damaged or incomplete); downloading them again failed"), err
+    assert (data / "cifar-10-batches-py" / "data_batch_1").read_bytes() == b"damaged"   # nothing deleted
+
+
 def test_a_marker_under_a_file_is_bad_input(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
