@@ -678,6 +678,23 @@ def test_corrupt_cifar_files_are_named_by_their_checksum_not_by_the_download(tmp
     assert (data / "cifar-10-batches-py" / "data_batch_1").read_bytes() == b"damaged"   # nothing deleted
 
 
+def test_a_field_given_by_its_option_and_by_set_is_refused(tmp_path):
+    for args, words in ((["--epochs", "2", "--set", "epochs=3"], "invalid set='epochs=3': epochs is also given by its option (--epochs 2)"),
+                        (["--seed", "0", "--set", "seed=1"], "invalid set='seed=1': seed is also given by its option (--seed 0)")):
+        err = _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", *args), 2).strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / "run").exists()
+    _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", "--set", "epochs=1"), 0)  # alone, it is used
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_a_bad_option_value_is_one_line_naming_what_is_allowed(tmp_path):
+    for args, words in ((["--milestones", "5,x"], "argument --milestones: expected epochs separated by commas, e.g. 150,225, got '5,x'"),
+                        (["--epochs", "x"], "argument --epochs: invalid int value: 'x'")):
+        err = _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", *args), 2).strip()
+        assert len(err.splitlines()) == 1 and words in err and "usage:" not in err, err
+
+
 def test_a_marker_under_a_file_is_bad_input(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
