@@ -695,6 +695,26 @@ def test_a_bad_option_value_is_one_line_naming_what_is_allowed(tmp_path):
         assert len(err.splitlines()) == 1 and words in err and "usage:" not in err, err
 
 
+def test_a_batch_larger_than_the_training_set_names_the_lr_scaling_and_a_rerun_is_not_refused(tmp_path):
+    out = tmp_path / "run"
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--batch-size", "1000000000", "--out", out), 2)
+    line = _one_error_line(err)
+    assert "loss became nan in epoch 1; no checkpoint was written" in line
+    assert "--lr 0.1 is meant for a batch of 64: 0.1 x 1000000000 / 64 = 1.56e+06" in line
+    assert "The batch (1000000000) is larger than the 1442 training images" in line
+    assert "warning: --batch-size 1000000000 is larger than the 1442 training images" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]   # no epoch was trained
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--out", out), 0)   # another batch: trains
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and f"moved the previous run in {out} to {aside[0]} (it held a different run that never " \
+                               "finished an epoch)" in err
+    assert json.loads((aside[0] / "config.json").read_text())["batch_size"] == 1000000000    # moved, not deleted
+    _one_run(out)
+    # a run that finished an epoch is still refused
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--batch-size", "32", "--out", out), 2)
+    assert "holds a different run (batch_size=64 there, 32 here" in err
+
+
 def test_a_marker_under_a_file_is_bad_input(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -46,7 +46,9 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
     ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted. A run of the same
     config whose files cannot be loaded (no readable checkpoint to resume from; a finished run whose
     model, pruned model or masks are unreadable) is an error naming the file, or with ``replace`` it
-    is moved aside too.
+    is moved aside too. A different run that never finished an epoch (config.json, no checkpoint,
+    history or result) is moved aside without ``replace``: there is nothing of it to keep or resume,
+    so a rerun after a bad first try (a batch too large, a diverged first epoch) is not refused.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -73,6 +75,9 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
     old_id = identity_of(old)
     diff = {k: (old_id.get(k), new.get(k)) for k in {**new, **old_id} if old_id.get(k) != new.get(k)}
     if diff:
+        if not replace and not _trained(out):
+            _move_aside(out, "it held a different run that never finished an epoch", lock)
+            return "new"
         if not replace:
             shown = [k for k in diff if k not in LEARNED_ONLY] or list(diff)  # learned-only fields follow connectivity
             detail = ", ".join(f"{k}={diff[k][0]!r} there, {diff[k][1]!r} here" for k in shown[:4])
@@ -87,6 +92,11 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
             return "new"
         raise RunDirError(f"{problem}. Pass --replace to move this run aside and train it again")
     return state
+
+
+def _trained(out: Path) -> bool:
+    """Whether ``out`` holds anything a run wrote after its first epoch (a checkpoint, history, a result)."""
+    return any((out / name).exists() for name in (CHECKPOINT, PREVIOUS, METRICS, "history.csv", "masks.json", "pruned.pt"))
 
 
 def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
