@@ -715,6 +715,45 @@ def test_a_batch_larger_than_the_training_set_names_the_lr_scaling_and_a_rerun_i
     assert "holds a different run (batch_size=64 there, 32 here" in err
 
 
+def test_a_garbage_tracking_uri_is_named_as_the_bad_input(tmp_path):
+    pytest.importorskip("mlflow")
+    env = _env(MLFLOW_TRACKING_URI="garbage://x")
+    err = _clean(_cli("track", "init", env=env), 2).strip()
+    assert err == ("maskconnect track: error: invalid MLFLOW_TRACKING_URI='garbage://x': an MLflow tracking URI "
+                   "(sqlite:///PATH, http(s)://HOST:PORT, postgresql://..., mysql://..., mssql://..., databricks, "
+                   "file:PATH); 'garbage' is not a scheme MLflow knows")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--out", tmp_path / "run", env=env), 0)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "invalid MLFLOW_TRACKING_URI='garbage://x'" in warnings[0], err
+    assert "Model registry" not in err
+
+
+def test_a_sqlite_store_under_a_missing_folder_is_refused_not_created(tmp_path):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/typo/dir/mlflow.db"
+    err = _clean(_cli("track", "init", "--tracking-uri", uri), 2).strip()
+    assert err == (f"maskconnect track: error: invalid tracking_uri='{uri}': a sqlite store in an existing folder: "
+                   f"{tmp_path / 'typo'} does not exist (create it first if the path is meant)")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--out", tmp_path / "run", "--tracking-uri", uri), 0)
+    assert f"MLflow tracking of {tmp_path / 'run'} is off: invalid tracking_uri='{uri}'" in err
+    assert not (tmp_path / "typo").exists()
+    # the store's own folder is created where its parent exists (a fresh results/)
+    _clean(_cli("track", "init", "--tracking-uri", f"sqlite:///{tmp_path}/results/mlflow.db"), 0)
+    assert (tmp_path / "results" / "mlflow.db").is_file()
+
+
+def test_creating_a_sqlite_store_leaves_no_lock_file_behind(tmp_path):
+    pytest.importorskip("mlflow")
+    import hashlib
+    import tempfile
+
+    db = tmp_path / "store" / "mlflow.db"
+    _clean(_cli("track", "init", "--tracking-uri", f"sqlite:///{db}"), 0)
+    assert db.is_file() and sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+    digest = hashlib.sha1(str(db).encode()).hexdigest()[:16]
+    assert not (Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock").exists()
+
+
 def test_a_marker_under_a_file_is_bad_input(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
