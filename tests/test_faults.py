@@ -798,3 +798,18 @@ def test_report_out_on_a_read_only_mount_is_refused_first(learned_k1, tmp_path):
     ro = tmp_path / "ro"
     err = _clean(_run(_ns(_ro(ro), _cmd("report", "--results", results, "--out", ro / "report"))), 2).strip()
     assert err == f"maskconnect report: error: --out {ro / 'report'}: cannot write in it (Read-only file system)"
+
+
+def test_snakemake_config_errors_are_one_line_naming_key_value_and_what_is_allowed(tmp_path):
+    from test_pipeline import fresh_checkout, snakemake
+
+    checkout = fresh_checkout(tmp_path / "checkout")
+    for config, words in ((["gird=demo"], "invalid gird='demo': not a key of the pipeline's configuration (did you mean 'grid'?); the keys are grid, preflight"),
+                          (["preflight=maybe"], "invalid preflight='maybe': auto (the default, for grids whose runs go to a GPU), true or false"),
+                          (["grid="], "invalid grid='': a packaged grid name (demo, smoke, cifar100, cifar10, imagenet, paper) or the path of a grid file")):
+        proc = snakemake(["-n", "--config", *config], checkout)
+        assert proc.returncode == 2, proc.stdout[-3000:]
+        errors = [line for line in proc.stdout.splitlines() if "error" in line.lower()]
+        assert errors == [line for line in errors if line.startswith("maskconnect pipeline: error: ")] and len(errors) == 1, proc.stdout
+        assert words in errors[0], proc.stdout
+        assert "Traceback" not in proc.stdout and "Failed validating" not in proc.stdout and "Job stats" not in proc.stdout
