@@ -633,6 +633,12 @@ def test_evaluate_rebuilds_a_missing_pruned_model_from_the_frozen_masks_and_says
     assert rebuilt["pruned_from"].startswith("checkpoint.pt") and with_file["pruned_from"] == "pruned.pt"
     for key in ("pruned", "params_test", "flops_test", "branches_per_module"):
         assert rebuilt[key] == with_file[key], key
+    assert "warning" not in err
+    # a params_test that differs from the run's record is never reported without saying so
+    (run / "metrics.json").write_text(json.dumps({**metrics, "params_test": metrics["params_test"] + 1}))
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    assert (f"warning: params_test={metrics['params_test']} evaluated here, {metrics['params_test'] + 1} in "
+            f"{run / 'metrics.json'}") in err
 
 
 def test_evaluate_names_a_config_json_edited_after_training(learned_k1, tmp_path):
