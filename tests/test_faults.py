@@ -522,3 +522,300 @@ def test_mask_flags_on_a_fixed_full_run_are_ignored_without_changing_its_identit
     # a bad value is still refused
     assert main(["train", *TINY, "--epochs", "1", "--no-track", "--out", str(out), "--mask-rule", "nope"]) == 2
     assert "invalid mask_rule='nope'" in capsys.readouterr().err
+
+
+# ---- 7. names, links, data and settings that cannot be used: one line, the right exit code -----------
+
+def _one_error_line(err: str) -> str:
+    """The one ``error:`` line of ``err`` (notes and warnings may come before it)."""
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def learned_k1(tmp_path_factory) -> Path:
+    """A finished learned run (K=1, smoke recipe: masks frozen after epoch 1) whose pruning removes branches."""
+    run = tmp_path_factory.mktemp("learned") / "run"
+    proc = _cli("train", *TINY, "--connectivity", "learned", "--fan-in", "1", "--recipe", "smoke", "--no-track",
+                "--out", run)
+    _clean(proc, 0)
+    return run
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize("place", ["train --out", "evaluate --run", "evaluate --out", "preflight --out", "report --out"])
+def test_a_name_longer_than_255_bytes_is_one_line_exit_2(place, tmp_path):
+    long = tmp_path / "x" / LONG
+    command = {"train --out": ["train", *TINY, "--no-track", "--out", long],
+               "evaluate --run": ["evaluate", "--run", long, "--device", "cpu"],
+               "evaluate --out": ["evaluate", "--run", tmp_path, "--device", "cpu", "--out", long],
+               "preflight --out": ["preflight", "--grid", "demo", "--device", "cpu", "--out", long],
+               "report --out": ["report", "--results", tmp_path, "--out", long]}[place]
+    err = _clean(_cli(*command, timeout=120), 2).strip()
+    assert len(err.splitlines()) == 1, err
+    flag = place.split()[1]
+    assert f"{flag} {long}: " in err or f"invalid out='{long}'" in err
+    assert "has 300 bytes" in err and "at most 255" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_symbolic_link_as_out_is_named_as_one(kind, tmp_path):
+    link = tmp_path / "run"
+    link.symlink_to(link if kind == "loop" else tmp_path / "nowhere")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--out", link), 2).strip()
+    assert len(err.splitlines()) == 1 and "is a file" not in err
+    assert {"loop": f"--out {link} is a symbolic link that loops",
+            "dangling": f"--out {link} is a symbolic link to {tmp_path / 'nowhere'}, which does not exist"}[kind] in err
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def _imagenet(root: Path) -> Path:
+    """A tiny ImageFolder tree: two classes of three 48x40 JPEGs in train/ and val/."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(root / split / c / f"{i}.JPEG")
+    return root
+
+
+def test_a_corrupt_imagenet_image_is_found_by_prepare_data_and_named_by_the_loader(tmp_path):
+    root = _imagenet(tmp_path / "imagenet")
+    bad = root / "train" / "a" / "bad.JPEG"
+    bad.write_bytes(b"not a jpeg")                                      # a damaged header
+    good = (root / "val" / "b" / "0.JPEG").read_bytes()
+    cut = root / "val" / "b" / "cut.JPEG"
+    cut.write_bytes(good[: len(good) // 2])                             # a header, half the data
+    marker = tmp_path / "m.json"
+    proc = _cli("prepare-data", "--dataset", "imagenet", "--data-dir", root, "--marker", marker)
+    line = _one_error_line(_clean(proc, 2))
+    assert f"1 of 14 images in {root} cannot be read (header check), e.g. {bad}" in line
+    assert proc.stdout.splitlines() == [f"{bad}\tUnidentifiedImageError: cannot identify image file {str(bad)!r}"]
+    assert not marker.exists()
+    proc = _cli("prepare-data", "--dataset", "imagenet", "--data-dir", root, "--check-images", "full")
+    assert "2 of 14 images" in _one_error_line(_clean(proc, 2))
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [str(bad), str(cut)]
+    # training meets it: one line naming the file, from a DataLoader worker as from the main process
+    for workers in ("0", "1"):
+        out = tmp_path / f"run{workers}"
+        proc = _cli("train", "--dataset", "imagenet", "--data-dir", root, "--arch", "50,1,2", "--stage-width", "8",
+                    "--epochs", "1", "--batch-size", "4", "--workers", workers, "--no-track", "--device", "cpu",
+                    "--progress", "none", "--out", out)
+        err = _clean(proc, 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"imagenet: cannot read image {bad} (UnidentifiedImageError: " in err and "--check-images full" in err
+
+
+def test_evaluate_rebuilds_a_missing_pruned_model_from_the_frozen_masks_and_says_so(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params_test"] < metrics["params_train"]            # pruning removes branches here
+    _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    with_file = json.loads((run / "eval.json").read_text())
+    (run / "pruned.pt").unlink()
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    assert f"{run / 'pruned.pt'} is missing: the pruned model is rebuilt from the frozen masks" in err
+    rebuilt = json.loads((run / "eval.json").read_text())
+    assert rebuilt["params_test"] == metrics["params_test"] < rebuilt["params_train"]
+    assert rebuilt["pruned_from"].startswith("checkpoint.pt") and with_file["pruned_from"] == "pruned.pt"
+    for key in ("pruned", "params_test", "flops_test", "branches_per_module"):
+        assert rebuilt[key] == with_file[key], key
+    assert "warning" not in err
+    # a params_test that differs from the run's record is never reported without saying so
+    (run / "metrics.json").write_text(json.dumps({**metrics, "params_test": metrics["params_test"] + 1}))
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 0)
+    assert (f"warning: params_test={metrics['params_test']} evaluated here, {metrics['params_test'] + 1} in "
+            f"{run / 'metrics.json'}") in err
+
+
+def test_evaluate_names_a_config_json_edited_after_training(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "arch": "20,2,4"}))
+    err = _clean(_cli("evaluate", "--run", run, "--device", "cpu"), 2).strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"maskconnect evaluate: error: {run / 'config.json'} is not the config "
+                          f"{run / 'checkpoint.pt'} was trained with (arch='20,2,4' in config.json, '11,2,4' in checkpoint.pt)")
+    assert not (run / "eval.json").exists()
+
+
+def test_a_zero_byte_checkpoint_is_named_in_the_suites_words(learned_k1, tmp_path):
+    run = _copy_run(learned_k1, tmp_path / "run")
+    (run / "checkpoint.pt").write_bytes(b"")
+    empty = "an empty file (0 bytes)"
+    for command in (["evaluate", "--run", run, "--device", "cpu"],
+                    ["train", *TINY, "--connectivity", "learned", "--fan-in", "1", "--recipe", "smoke", "--no-track",
+                     "--out", run]):
+        err = _clean(_cli(*command), 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{run / 'checkpoint.pt'} cannot be loaded ({empty}" in err and "torch.save" not in err, err
+    (run / "metrics.json").unlink()                                    # an unfinished run: resume
+    (run / "checkpoint.prev.pt").write_bytes(b"")
+    err = _clean(_cli(*command), 2)
+    assert f"checkpoint.pt: {empty}" in err and f"checkpoint.prev.pt: {empty}" in err and "torch.save" not in err
+
+
+def test_corrupt_cifar_files_are_named_by_their_checksum_not_by_the_download(tmp_path):
+    data = tmp_path / "data"
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"damaged")
+    closed = _closed_port()  # the retried download fails at once, as without a network
+    env = _env(http_proxy=closed, https_proxy=closed, HTTP_PROXY=closed, HTTPS_PROXY=closed)
+    for command in (["prepare-data", "--dataset", "cifar10", "--data-dir", data],
+                    ["train", "--dataset", "cifar10", "--arch", "11,2,4", "--data-dir", data, "--no-track",
+                     "--device", "cpu", "--out", tmp_path / "run"]):
+        err = _clean(_cli(*command, env=env), 2).strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"maskconnect {command[0]}: error: cifar10: cifar-10-batches-py/data_batch_1 in {data} "
+                              "fail their md5 check (damaged or incomplete); downloading them again failed"), err
+    assert (data / "cifar-10-batches-py" / "data_batch_1").read_bytes() == b"damaged"   # nothing deleted
+
+
+def test_a_field_given_by_its_option_and_by_set_is_refused(tmp_path):
+    for args, words in ((["--epochs", "2", "--set", "epochs=3"], "invalid set='epochs=3': epochs is also given by its option (--epochs 2)"),
+                        (["--seed", "0", "--set", "seed=1"], "invalid set='seed=1': seed is also given by its option (--seed 0)")):
+        err = _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", *args), 2).strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+        assert not (tmp_path / "run").exists()
+    _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", "--set", "epochs=1"), 0)  # alone, it is used
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_a_bad_option_value_is_one_line_naming_what_is_allowed(tmp_path):
+    for args, words in ((["--milestones", "5,x"], "argument --milestones: expected epochs separated by commas, e.g. 150,225, got '5,x'"),
+                        (["--epochs", "x"], "argument --epochs: invalid int value: 'x'")):
+        err = _clean(_cli("train", *TINY, "--no-track", "--out", tmp_path / "run", *args), 2).strip()
+        assert len(err.splitlines()) == 1 and words in err and "usage:" not in err, err
+
+
+def test_a_batch_larger_than_the_training_set_names_the_lr_scaling_and_a_rerun_is_not_refused(tmp_path):
+    out = tmp_path / "run"
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--batch-size", "1000000000", "--out", out), 2)
+    line = _one_error_line(err)
+    assert "loss became nan in epoch 1; no checkpoint was written" in line
+    assert "--lr 0.1 is meant for a batch of 64: 0.1 x 1000000000 / 64 = 1.56e+06" in line
+    assert "The batch (1000000000) is larger than the 1442 training images" in line
+    assert "warning: --batch-size 1000000000 is larger than the 1442 training images" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]   # no epoch was trained
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--out", out), 0)   # another batch: trains
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and f"moved the previous run in {out} to {aside[0]} (it held a different run that never " \
+                               "finished an epoch)" in err
+    assert json.loads((aside[0] / "config.json").read_text())["batch_size"] == 1000000000    # moved, not deleted
+    _one_run(out)
+    # a run that finished an epoch is still refused
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--no-track", "--batch-size", "32", "--out", out), 2)
+    assert "holds a different run (batch_size=64 there, 32 here" in err
+
+
+def test_a_garbage_tracking_uri_is_named_as_the_bad_input(tmp_path):
+    pytest.importorskip("mlflow")
+    env = _env(MLFLOW_TRACKING_URI="garbage://x")
+    err = _clean(_cli("track", "init", env=env), 2).strip()
+    assert err == ("maskconnect track: error: invalid MLFLOW_TRACKING_URI='garbage://x': an MLflow tracking URI "
+                   "(sqlite:///PATH, http(s)://HOST:PORT, postgresql://..., mysql://..., mssql://..., databricks, "
+                   "file:PATH); 'garbage' is not a scheme MLflow knows")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--out", tmp_path / "run", env=env), 0)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "invalid MLFLOW_TRACKING_URI='garbage://x'" in warnings[0], err
+    assert "Model registry" not in err
+
+
+def test_a_sqlite_store_under_a_missing_folder_is_refused_not_created(tmp_path):
+    pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path}/typo/dir/mlflow.db"
+    err = _clean(_cli("track", "init", "--tracking-uri", uri), 2).strip()
+    assert err == (f"maskconnect track: error: invalid tracking_uri='{uri}': a sqlite store in an existing folder: "
+                   f"{tmp_path / 'typo'} does not exist (create it first if the path is meant)")
+    err = _clean(_cli("train", *TINY, "--epochs", "1", "--out", tmp_path / "run", "--tracking-uri", uri), 0)
+    assert f"MLflow tracking of {tmp_path / 'run'} is off: invalid tracking_uri='{uri}'" in err
+    assert not (tmp_path / "typo").exists()
+    # the store's own folder is created where its parent exists (a fresh results/)
+    _clean(_cli("track", "init", "--tracking-uri", f"sqlite:///{tmp_path}/results/mlflow.db"), 0)
+    assert (tmp_path / "results" / "mlflow.db").is_file()
+
+
+def test_creating_a_sqlite_store_leaves_no_lock_file_behind(tmp_path):
+    pytest.importorskip("mlflow")
+    import hashlib
+    import tempfile
+
+    db = tmp_path / "store" / "mlflow.db"
+    _clean(_cli("track", "init", "--tracking-uri", f"sqlite:///{db}"), 0)
+    assert db.is_file() and sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+    digest = hashlib.sha1(str(db).encode()).hexdigest()[:16]
+    assert not (Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock").exists()
+
+
+def test_a_marker_under_a_file_is_bad_input(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _clean(_cli("prepare-data", "--dataset", "digits", "--marker", afile / "m.json"), 2).strip()
+    assert err == f"maskconnect prepare-data: error: --marker {afile / 'm.json'}: {afile} is a file, not a directory"
+    assert afile.read_text() == "x"
+
+
+def test_report_says_when_no_run_is_found_and_refuses_an_unknown_grid(tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    (results / "runs" / "demo").mkdir(parents=True)
+    proc = _cli("report", "--results", results, "--out", tmp_path / "report")
+    err = _clean(proc, 0).strip()
+    assert err == f"maskconnect report: warning: no complete run (metrics.json) found under {results / 'runs'}: the report has no numbers"
+    assert (tmp_path / "report" / "REPORT.md").exists()
+    err = _clean(_cli("report", "--results", results, "--out", tmp_path / "report2", "--grid", "nosuch"), 2).strip()
+    assert err == (f"maskconnect report: error: invalid grid='nosuch': a grid with run directories under {results} (demo)")
+    assert not (tmp_path / "report2").exists()
+
+
+def test_report_out_that_cannot_be_written_is_refused_first(learned_k1, tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    _copy_run(learned_k1, results / "runs" / "g" / "digits" / "11-2-4" / "learned-K1" / "seed0")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, words in ((afile, f"--out {afile} is a file, not a folder"),
+                       (afile / "report", f"--out {afile / 'report'} lies under {afile}, which is a file, not a folder")):
+        t0 = time.monotonic()
+        err = _clean(_cli("report", "--results", results, "--out", out), 2).strip()
+        assert err == f"maskconnect report: error: {words}"
+        print(f"report --out {out}: refused in {time.monotonic() - t0:.1f} s")
+    assert afile.read_text() == "x"
+
+
+@needs_ns
+def test_report_out_on_a_read_only_mount_is_refused_first(learned_k1, tmp_path):
+    pytest.importorskip("pandas")
+    results = tmp_path / "results"
+    _copy_run(learned_k1, results / "runs" / "g" / "digits" / "11-2-4" / "learned-K1" / "seed0")
+    ro = tmp_path / "ro"
+    err = _clean(_run(_ns(_ro(ro), _cmd("report", "--results", results, "--out", ro / "report"))), 2).strip()
+    assert err == f"maskconnect report: error: --out {ro / 'report'}: cannot write in it (Read-only file system)"
+
+
+def test_snakemake_config_errors_are_one_line_naming_key_value_and_what_is_allowed(tmp_path):
+    from test_pipeline import fresh_checkout, snakemake
+
+    checkout = fresh_checkout(tmp_path / "checkout")
+    for config, words in ((["gird=demo"], "invalid gird='demo': not a key of the pipeline's configuration (did you mean 'grid'?); the keys are grid, preflight"),
+                          (["preflight=maybe"], "invalid preflight='maybe': auto (the default, for grids whose runs go to a GPU), true or false"),
+                          (["grid="], "invalid grid='': a packaged grid name (demo, smoke, cifar100, cifar10, imagenet, paper) or the path of a grid file")):
+        proc = snakemake(["-n", "--config", *config], checkout)
+        assert proc.returncode == 2, proc.stdout[-3000:]
+        errors = [line for line in proc.stdout.splitlines() if "error" in line.lower()]
+        assert errors == [line for line in errors if line.startswith("maskconnect pipeline: error: ")] and len(errors) == 1, proc.stdout
+        assert words in errors[0], proc.stdout
+        assert "Traceback" not in proc.stdout and "Failed validating" not in proc.stdout and "Job stats" not in proc.stdout

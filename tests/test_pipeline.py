@@ -198,7 +198,10 @@ def test_the_demo_grid_runs_the_demo_recipe_as_it_is():
                 "gamma", "mask_lr", "mask_momentum", "mask_rule", "freeze_epoch"}
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    assert parser.get_default("recipe") == "demo" and TrainConfig.__dataclass_fields__["recipe"].default == "demo"
+    # `maskconnect train` without --recipe runs the demo recipe (the option has no default of its own:
+    # TrainConfig's applies, so that an option given twice, by itself and by --set, is told from a default)
+    bare = config_from_args(parser.parse_args(["--dataset", "digits", "--arch", "20,4,8", "--out", "x"]))
+    assert bare.resolved().recipe == "demo" and TrainConfig.__dataclass_fields__["recipe"].default == "demo"
     for run in G.load_grid("demo").runs:
         assert run.recipe == "demo" and not schedule & dict(run.train).keys(), run.run_id
         c = config_from_args(parser.parse_args([*run.train_args(), "--out", "x"])).resolved()

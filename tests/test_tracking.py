@@ -366,9 +366,15 @@ def test_numeric_items_keep_numbers_and_nan_and_leave_out_infinities_and_non_num
 
 
 def test_a_store_is_created_without_its_lock_where_the_lock_cannot_be_taken(tmp_path, monkeypatch):
-    """The lock around creating a sqlite store lives in the temp dir; where it cannot be taken (no such
-    directory here; ENOLCK on some network file systems) the store is still created, unlocked."""
-    monkeypatch.setattr(tracking_store.tempfile, "gettempdir", lambda: str(tmp_path / "no-such-dir"))
+    """The lock around creating a sqlite store is a flock on a file beside it; where it cannot be taken
+    (ENOLCK on some network file systems) the store is still created, unlocked, and no lock file stays."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
     uri = ensure_store(f"sqlite:///{tmp_path}/mlflow.db", strict=True)
-    assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "no-such-dir").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
     assert _client(uri).search_experiments()

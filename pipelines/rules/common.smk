@@ -4,7 +4,6 @@ import re
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 # The grid logic comes from this checkout's package (src/), also where an older copy is installed.
@@ -14,19 +13,25 @@ from maskconnect import experiments as G  # noqa: E402
 from maskconnect import slurm as S  # noqa: E402
 from maskconnect.errors import ConfigError  # noqa: E402
 
+
+
+def config_error(e):
+    """Bad configuration: one line naming the key, the value and what is allowed, and exit 2, as every
+    `maskconnect` command does for bad input (docs/run_format.md, "Exit codes")."""
+    print(f"maskconnect pipeline: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 # Validate the configuration, then the grid file, before any job starts. A bad grid stops here
 # with a message naming the grid entry, e.g. "grid 'x' entry 3 (cifar100 29,8,8 learned): invalid
 # fan_in=9: an integer K with 1 <= K <= C=8".
-validate(config, "../schemas/config.schema.yaml")
 try:
+    G.check_pipeline_config(config, Path(workflow.basedir) / "pipelines" / "schemas" / "config.schema.yaml")
+    validate(config, "../schemas/config.schema.yaml")  # the schema stays the reference (and fills defaults)
     GRID = G.load_grid(config["grid"])
-except ConfigError as e:
-    raise WorkflowError(f"invalid experiment grid: {e}") from None
-
-try:
     PREFLIGHT = G.needs_preflight(GRID, config.get("preflight", "auto"))
 except ConfigError as e:
-    raise WorkflowError(f"invalid configuration: {e}") from None
+    config_error(e)
 
 # (grid, run id) -> maskconnect.experiments.Run
 RUNS = {(r.grid, r.run_id): r for r in GRID.runs}

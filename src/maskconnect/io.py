@@ -5,11 +5,13 @@ over the target (rename is atomic on POSIX within one file system). A write that
 a quota, a read-only file system) removes its temporary file, leaves the target as it was, and raises
 :class:`~maskconnect.errors.StorageError`: one line naming the file, no traceback at the command line.
 
-:func:`check_output_file` checks that a result file can be written before the work that produces it.
+:func:`check_output_file` and :func:`check_output_dir` check that a result file or folder can be written
+before the work that produces it; :func:`check_path` that a path's names fit the file system.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -41,7 +43,10 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
                 pass
         cause = _os_error(e)
         if cause is not None:
-            kept = "it keeps its previous content" if path.exists() else "it was not created"
+            try:
+                kept = "it keeps its previous content" if path.exists() else "it was not created"
+            except OSError:  # the path itself is the problem (a name too long, a symlink loop)
+                kept = "it was not created"
             raise StorageError(f"cannot write {path}: {cause.strerror or cause}; nothing was half-written "
                                f"({kept})") from None
         raise
@@ -60,13 +65,62 @@ def _os_error(e: BaseException | None) -> OSError | None:
     return None
 
 
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system of ``path``'s nearest existing folder allows."""
+    for folder in [path, *path.parents]:
+        try:
+            if folder.is_dir():
+                return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def name_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot name a file on this system, whatever is done with it (every call would fail
+    with "File name too long"): one of its names is longer than the file system allows (255 bytes on
+    Linux file systems). None if it can."""
+    path = Path(os.fspath(path))
+    longest, size = max(((p, len(os.fsencode(p))) for p in path.parts), key=lambda n: n[1], default=("", 0))
+    limit = _name_max(path.parent if path.is_absolute() else Path.cwd() / path.parent)
+    if size <= limit:
+        return None
+    shown = longest if len(longest) <= 40 else f"{longest[:20]}...{longest[-12:]}"
+    return f"the name {shown!r} has {size} bytes; a name in a path may have at most {limit} (the file system's limit)"
+
+
+def check_path(path: str | os.PathLike, what: str = "--out") -> Path:
+    """``path`` as a Path, or a :class:`RunDirError` naming ``what`` and the path when it cannot name a
+    file (a NUL character, a name too long: :func:`name_problem`)."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise RunDirError(f"{what} {text!r}: a path cannot hold a NUL character")
+    problem = name_problem(text)
+    if problem:
+        raise RunDirError(f"{what} {text}: {problem}")
+    return Path(text)
+
+
+def symlink_problem(path: Path) -> str | None:
+    """Why ``path``, a symbolic link, cannot be followed (a loop, a target that does not exist), or None."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it leads back to itself)"
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist (a dangling link)"
+    return None
+
+
 def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
     """Check, before any work, that the file ``path`` can be written: not empty, not a directory, its
     folder creatable and writable (probed with a temporary file). Raises :class:`RunDirError` naming it."""
     text = os.fspath(path) if isinstance(path, os.PathLike) else path
     if not isinstance(text, str) or not text.strip():
         raise RunDirError(f"{what} {text!r}: an output file path is needed, not an empty one")
-    path = Path(text)
+    path = check_path(text, what)
     if path.is_dir():
         raise RunDirError(f"{what} {path} is a directory; give a file path")
     for parent in path.parents:
@@ -81,6 +135,33 @@ def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
         os.unlink(probe)
     except OSError as e:
         raise RunDirError(f"{what} {path}: cannot write in {path.parent} ({e.strerror or e})") from None
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check, before any work, that files can be written in the folder ``path``: not empty, not a file
+    or a broken symbolic link, creatable and writable (probed with a temporary file; a folder created
+    here stays). Raises :class:`RunDirError` naming it."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    if not isinstance(text, str) or not text.strip():
+        raise RunDirError(f"{what} {text!r}: an output folder is needed, not an empty path")
+    path = check_path(text, what)
+    link = symlink_problem(path)
+    if link:
+        raise RunDirError(f"{what} {path} {link}; give a folder")
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under {folder}, which is a file"
+                raise RunDirError(f"{what} {path} {where}, not a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".maskconnect-", suffix=".probe", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunDirError(f"{what} {path}: cannot write in it ({e.strerror or e})") from None
     return path
 
 

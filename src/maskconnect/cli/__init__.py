@@ -20,8 +20,16 @@ SUBCOMMAND_MODULES = ("describe", "train", "evaluate", "prepare_data", "track", 
                       "preflight", "bench")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad option is one line too, as every other bad value (argparse names the option, the value and,
+    from the option's type or choices, what is allowed), not a usage block of 16 lines around it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="maskconnect",
         description="MaskConnect reproduction suite: masked ResNeXt models, training, reports.",
     )

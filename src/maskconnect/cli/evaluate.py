@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from ..errors import RunDirError
 
 
@@ -20,10 +18,10 @@ def register(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from ..io import atomic_write_json, check_output_file
+    from ..io import atomic_write_json, check_output_file, check_path
     from ..training.evaluation import evaluate_run
 
-    run = Path(args.run)
+    run = check_path(args.run, "--run")
     if not run.is_dir():
         raise RunDirError(f"--run {run} is not a run directory")
     # checked before evaluating: a path that cannot be written fails in seconds, not after the evaluation

@@ -8,19 +8,20 @@ import sys
 
 @contextlib.contextmanager
 def one_line_warnings(command: str):
-    """Show this package's warnings (tracking off, lock unsupported) as one line each,
+    """Show this package's warnings (tracking off, lock unsupported, a report without runs) as one line each,
     ``maskconnect <command>: warning: ...``, and keep MLflow's and urllib3's retry logs out of the way
     (the warning says what failed)."""
     import logging
     import warnings
 
+    from ..report import ReportWarning
     from ..training.lock import RunLockWarning
     from ..tracking import TrackingWarning
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (TrackingWarning, RunLockWarning)):
+        if issubclass(category, (TrackingWarning, RunLockWarning, ReportWarning)):
             print(f"maskconnect {command}: warning: {message}", file=sys.stderr, flush=True)
         else:
             shown(message, category, filename, lineno, file, line)

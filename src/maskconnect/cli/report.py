@@ -36,14 +36,17 @@ def register(sub) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     """`maskconnect report`: build the report; user errors raise MaskConnectError (exit code 2)."""
+    from ..io import check_output_dir
     from ..report import build_report, read_expected
+    from .messages import one_line_warnings
 
     try:
-        from ..report.runs import expected_keys
+        from ..report.runs import check_results, expected_keys
     except ModuleNotFoundError as e:
         if e.name not in REPORT_EXTRA:
             raise
         raise MaskConnectError(f"the report needs {e.name}: pip install 'maskconnect[report]'") from e
+    check_results(args.results, args.grid)
     expected = None
     if getattr(args, "expected", None) is not None:
         try:
@@ -51,6 +54,8 @@ def run_report(args: argparse.Namespace) -> int:
             expected_keys(expected)  # fail here, naming the file, on a malformed run id
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConfigError("expected", str(args.expected), f"a readable list of run ids ({e})") from e
-    written = build_report(args.results, args.out, grid=args.grid, expected=expected)
+    check_output_dir(args.out, "--out")  # before the work: an unusable path fails in a second, exit 2
+    with one_line_warnings("report"):
+        written = build_report(args.results, args.out, grid=args.grid, expected=expected)
     print(f"wrote {len(written)} files under {args.out}; see {Path(args.out) / 'REPORT.md'}")
     return 0

@@ -12,6 +12,13 @@ Determinism: the epoch generator draws the permutation and then one 62-bit seed 
 position; the crop and flip of a sample are drawn from a generator seeded with its own seed inside
 ``__getitem__``. The global RNG is never used (the DataLoader also gets its own generator), so the
 batches depend only on (seed, epoch) and not on the number of workers.
+
+Unreadable images (real ImageNet copies hold a few): the loader stops at the first one with a
+:class:`DataError` naming the file, rather than skipping it, since a skipped image would change the
+data a run's numbers come from without the run knowing it. :func:`find_bad_images`, run by
+``maskconnect prepare-data --dataset imagenet``, finds every one beforehand: by default a header
+check (PIL opens each file: unknown or damaged headers, empty files), ``--check-images full`` decodes
+every image (also truncated image data).
 """
 
 from __future__ import annotations
@@ -63,6 +70,41 @@ def random_resized_crop_params(width: int, height: int, g: torch.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _image_error(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def bad_image(path, e: BaseException) -> DataError:
+    return DataError(f"imagenet: cannot read image {path} ({_image_error(e)}); remove or replace it "
+                     "(`maskconnect prepare-data --dataset imagenet --check-images full` lists every such file)")
+
+
+def find_bad_images(root: Path, *, full: bool = False, threads: int = 8) -> tuple[int, list[tuple[str, str]]]:
+    """The images of ``root``'s train/ and val/ that cannot be read: ``(images checked, [(path, why)])``.
+
+    ``full=False`` opens each file (PIL reads the header: minutes for ImageNet); ``full=True`` also
+    decodes the pixels, as training would (about as long as an epoch's loading)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    paths = [p for split in ("train", "val") for p, _ in _image_folder(Path(root) / split).samples]
+
+    def check(path):
+        try:
+            with Image.open(path) as img:
+                if full:
+                    img.convert("RGB")  # what the loader does (torchvision's pil_loader)
+        except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, OSError (truncated), ...
+            return path, _image_error(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        bad = [b for b in pool.map(check, paths, chunksize=256) if b is not None]
+    return len(paths), bad
+
+
 class SeededImageFolder(Dataset):
     """Wraps an ``ImageFolder``; train items are keyed ``(index, sample_seed)``, eval items by index."""
 
@@ -78,7 +120,10 @@ class SeededImageFolder(Dataset):
 
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         path, target = self.folder.samples[index]
-        img = self.folder.loader(path)
+        try:
+            img = self.folder.loader(path)
+        except Exception as e:  # PIL raises many kinds: UnidentifiedImageError, OSError (truncated), ...
+            raise bad_image(path, e) from None
         if self.train and sample_seed is not None:
             g = torch.Generator(device="cpu")
             g.manual_seed(int(sample_seed))
@@ -134,9 +179,14 @@ class ImageFolderBundle(DataBundle):
         g.manual_seed(loader_seed)  # the loader's worker base seed must not come from the global RNG
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", generator=g)
-        for x, y in loader:
-            yield (x.to(self.device, non_blocking=True),
-                   y.to(self.device, dtype=torch.int64, non_blocking=True))
+        try:
+            for x, y in loader:
+                yield (x.to(self.device, non_blocking=True),
+                       y.to(self.device, dtype=torch.int64, non_blocking=True))
+        except DataError as e:
+            # from a worker, torch re-raises it with the worker's traceback in its text: keep our line
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            raise DataError(lines[-1].removeprefix(f"{DataError.__module__}.{DataError.__qualname__}: ")) from None
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         g = epoch_generator(self.seed, epoch)

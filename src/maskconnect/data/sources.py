@@ -94,6 +94,13 @@ def load_cifar_tensors(name: str, root: Path, download: bool):
         test = cls(root=str(root), train=False, download=False)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError,
             tarfile.TarError) as e:
+        damaged = _damaged_cifar_files(cls, Path(root))
+        if damaged:  # the cause to name first: a retried download's network error would hide it
+            shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+            again = f"; downloading them again failed ({e})" if download else ""
+            raise DataError(f"{name}: {shown} in {Path(root)} fail their md5 check (damaged or incomplete){again}; "
+                            f"delete {folder} and rerun `maskconnect prepare-data --dataset {name}` to download it again, "
+                            f"or put {cls.filename} (md5 {cls.tgz_md5}) from {cls.url} into {root}") from e
         if download:
             how = (f"the download from {cls.url} or its md5 check failed: check the network, or "
                    f"download {cls.filename} (md5 {cls.tgz_md5}) by hand into {root} and rerun; "
@@ -118,6 +125,16 @@ def load_cifar_tensors(name: str, root: Path, download: bool):
     xte, yte = convert(test, "test")
     mean, std = CIFAR_STATS[name]
     return xtr, ytr, xte, yte, tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
+
+
+def _damaged_cifar_files(cls, root: Path) -> list[str]:
+    """The CIFAR files under ``root`` that exist but fail torchvision's md5 check (paths relative to ``root``)."""
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / cls.base_folder
+    files = [(folder / f, md5) for f, md5 in cls.train_list + cls.test_list] + [(folder / cls.meta["filename"], cls.meta["md5"]),
+                                                                               (root / cls.filename, cls.tgz_md5)]
+    return [str(p.relative_to(root)) for p, md5 in files if p.is_file() and not check_integrity(str(p), md5)]
 
 
 SYNTHETIC_DEFAULTS = {"num_classes": 10, "image_size": 32, "in_channels": 3,

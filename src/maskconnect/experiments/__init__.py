@@ -17,7 +17,8 @@ that the committed file equals the generated one. Imports neither torch nor the 
 
 from __future__ import annotations
 
-from .commands import (aggregate_command, evaluate_command, launcher, needs_preflight, preflight_command,
+from .commands import (aggregate_command, check_pipeline_config, evaluate_command, launcher, needs_preflight,
+                       preflight_command,
                        prepare_command, report_command, tracking_init_command, tracking_report_command,
                        tracking_sync_command, train_command)
 from .dvc import dvc_plots, dvc_stages, dvc_yaml
@@ -36,7 +37,7 @@ __all__ = [
     "TABLES", "DATA_DIR", "data_marker", "tracking_marker", "sync_marker", "report_marker", "metrics_file",
     "expected_file", "summary_dir", "config_metrics_file", "keffect_file", "tables_dir", "log_file",
     "preflight_record", "benchmark_file",
-    "launcher", "prepare_command", "tracking_init_command", "needs_preflight", "preflight_command",
+    "check_pipeline_config", "launcher", "prepare_command", "tracking_init_command", "needs_preflight", "preflight_command",
     "train_command", "evaluate_command", "aggregate_command", "report_command", "tracking_sync_command",
     "tracking_report_command",
     "dvc_stages", "dvc_plots", "dvc_yaml",

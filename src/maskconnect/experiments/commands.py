@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ..errors import ConfigError
 from .grid import Grid, Run
@@ -38,6 +38,36 @@ def prepare_command(dataset: str) -> str:
 def tracking_init_command() -> str:
     # (DVC does not create an output's folder; the mkdir goes once `track init` writes a --marker)
     return f"mkdir -p {Path(tracking_marker()).parent.as_posix()} && maskconnect track init > {tracking_marker()}"
+
+
+def check_pipeline_config(config: Mapping, schema_path: Path | str) -> None:
+    """The pipeline's configuration (pipelines/config.yaml and ``--config key=value``) against its schema,
+    key by key: the first problem is a :class:`ConfigError` naming the key, the value and what the
+    schema's description says is allowed, one line, where Snakemake's ``validate`` prints the whole
+    schema around it. (The Snakefile validates with the schema itself too, after this.)"""
+    import difflib
+
+    import jsonschema
+
+    from .loading import read_yaml
+
+    schema = read_yaml(Path(schema_path))
+    props = schema.get("properties", {})
+    for key, value in config.items():
+        if key not in props:
+            close = difflib.get_close_matches(str(key), list(props), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key, value, f"not a key of the pipeline's configuration{hint}; the keys are "
+                                          f"{', '.join(props)}")
+    for key, prop in props.items():
+        if key not in config:
+            if key in schema.get("required", []):
+                raise ConfigError(key, None, f"{prop.get('description', '')} (it is required)")
+            continue
+        cls = jsonschema.validators.validator_for(schema)
+        if any(True for _ in cls(prop).iter_errors(config[key])):
+            value = "" if config[key] is None else config[key]  # `--config grid=` gives None
+            raise ConfigError(key, value, prop.get("description", "see the schema"))
 
 
 def needs_preflight(grid: "Grid", setting: str | bool = "auto") -> bool:

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import experiments as G
-from ..errors import ConfigError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, check_output_dir
 from ..training.device import resolve_device
 from ..specs import MASKED, ModelSpec
 
@@ -130,15 +129,7 @@ def _worst_text(c: dict) -> str:
 
 def _check_out(out: Path) -> None:
     """Refuse an output folder that cannot be written before any work is done."""
-    p = out
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise ConfigError("out", str(out), f"a folder to write the record in ({p} is a file)")
-    import os
-
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError("out", str(out), f"a writable folder ({p} is not writable)")
+    check_output_dir(out, "--out")
 
 
 def record(pf: Preflight, projection: dict | None, seconds: float, complete: bool = True) -> dict:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import ConfigError
 from ..io import atomic_write_text
 from . import claims, figures, tables
+from . import ReportWarning
 from .paper import model_label
-from .runs import missing_runs, scan_runs
+from .runs import check_results, missing_runs, scan_runs
 
 
 def _slug(*parts) -> str:
@@ -57,9 +58,12 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
 def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:
     """See :func:`maskconnect.report.build_report`."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    if not results_dir.is_dir():
-        raise ConfigError("results", str(results_dir), "an existing folder holding run directories")
+    root = check_results(results_dir, grid)
     runs, skipped = scan_runs(results_dir, grid)
+    if runs.empty:  # the report is still written: REPORT.md lists the runs left out and why
+        why = f"; {len(skipped)} run directories were left out (REPORT.md says why)" if skipped else ""
+        warnings.warn(f"no complete run (metrics.json) found under {root}{why}: the report has no numbers",
+                      ReportWarning, stacklevel=2)
     missing = missing_runs(runs, expected) if expected is not None else None
     written: dict[str, Path] = {}
 

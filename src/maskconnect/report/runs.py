@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
+from ..errors import ConfigError
 from ..experiments.paths import RUN_ID_PARTS, parse_run_id
 from ..specs import baseline_of
 from .paper import model_parts, normalize_model
@@ -44,6 +45,22 @@ def _root(results_dir: Path, grid: str | None) -> Path:
         if cand.is_dir():
             return cand
     return base / grid  # may not exist yet: a grid with no finished run
+
+
+def check_results(results_dir, grid: str | None = None) -> Path:
+    """The folder a report of ``grid`` reads; a :class:`ConfigError` when ``results_dir`` is not a folder,
+    or when ``grid`` has no folder there (a typo, or a grid that never ran: a report of it would
+    have no run to show)."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ConfigError("results", str(results_dir), "an existing folder holding run directories")
+    root = _root(results_dir, grid)
+    if grid is not None and not root.is_dir():
+        base = results_dir / "runs"
+        there = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        raise ConfigError("grid", grid, f"a grid with run directories under {results_dir} "
+                                        f"({', '.join(there) if there else f'none in {base}'})")
+    return root
 
 
 def _row(metrics: Mapping, run_dir: Path, root: Path, grid: str | None) -> dict:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from ..errors import ConfigError
 from . import runs, store
 from .values import clean_tags, final_metrics, flatten_params, numeric_items, version_tags
 
@@ -79,6 +80,10 @@ class Tracker:
 
     def _fail(self, what: str, e: BaseException) -> None:
         self.failed = True
+        if not self._warned and isinstance(e, ConfigError):  # the URI itself: name it as the bad input
+            self._warned = True
+            store.warn(f"MLflow tracking of {self.run_dir} is off: {e}; training goes on. Once the URI is "
+                       f"fixed, catch up with: maskconnect track sync {shlex.quote(str(self.run_dir))} --tracking-uri URI")
         if not self._warned:
             self._warned = True
             at = "" if self.uri == store.normalise_uri(None) else f" --tracking-uri {shlex.quote(self.uri)}"

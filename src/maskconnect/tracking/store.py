@@ -3,12 +3,15 @@
 The default store is ``sqlite:///<project>/results/mlflow.db``, with the artifacts of experiments
 created here in ``results/mlartifacts/<experiment>``. The 30 s failure budget, what MLflow retries
 itself and what is retried here are described in docs/run_format.md ("Tracking (MLflow)").
+
+A URI is checked before MLflow sees it (:func:`check_uri`): a scheme MLflow does not know, or a
+sqlite store whose folder's parent does not exist (a typo would start a new store elsewhere), is bad
+input, named as such (:class:`~maskconnect.errors.ConfigError`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import random
@@ -16,11 +19,12 @@ import re
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import MaskConnectError, TrackingError
+from ..errors import ConfigError, MaskConnectError, TrackingError
 from .values import key
 
 log = logging.getLogger("maskconnect.tracking")
@@ -93,6 +97,36 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# The schemes of MLflow's own tracking stores ("": a local path, MLflow's file store); the database
+# ones take a driver too (postgresql+psycopg2). Plugins add theirs as "mlflow.tracking_store" entry points.
+MLFLOW_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc", "file", "")
+ALLOWED_URIS = "sqlite:///PATH, http(s)://HOST:PORT, postgresql://..., mysql://..., mssql://..., databricks, file:PATH"
+
+
+def _uri_field(uri: str) -> str:
+    """Where ``uri`` came from, as the user would name it: $MLFLOW_TRACKING_URI or --tracking-uri."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return "MLFLOW_TRACKING_URI" if env and normalise_uri(env) == uri else "tracking_uri"
+
+
+def check_uri(uri: str) -> None:
+    """A :class:`ConfigError` naming ``uri`` when it cannot be what the user meant: a scheme MLflow does
+    not know (MLflow's own message speaks of its model registry), or a sqlite store whose folder would
+    have to be created with its parent (a typo: the store's folder is created only where its parent exists)."""
+    scheme = urllib.parse.urlparse(uri).scheme.lower()
+    if len(scheme) > 1 and scheme.split("+")[0] not in MLFLOW_SCHEMES:
+        from importlib.metadata import entry_points
+
+        if scheme not in {ep.name for ep in entry_points(group="mlflow.tracking_store")}:
+            raise ConfigError(_uri_field(uri), uri, f"an MLflow tracking URI ({ALLOWED_URIS}); "
+                                                    f"{scheme!r} is not a scheme MLflow knows")
+    path = sqlite_path(uri)
+    if path is not None and not path.parent.parent.exists():
+        missing = next(p for p in reversed(path.parents) if not p.exists())
+        raise ConfigError(_uri_field(uri), uri, f"a sqlite store in an existing folder: {missing} does not exist "
+                                                "(create it first if the path is meant)")
+
+
 # --- the store -----------------------------------------------------------------------------------
 
 def _check_sqlite_store(uri: str) -> None:
@@ -110,7 +144,7 @@ def _check_sqlite_store(uri: str) -> None:
                 raise TrackingError(f"MLflow store {uri} cannot be used: {parent} is a file, not a directory")
             break
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(exist_ok=True)  # only where its parent exists (check_uri): a fresh results/, say
         fd, probe = tempfile.mkstemp(prefix=".maskconnect-probe-", dir=path.parent)  # sqlite writes journals here
         os.close(fd)
         os.unlink(probe)
@@ -141,22 +175,41 @@ def _check_sqlite_store(uri: str) -> None:
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """An inter-process ``flock`` around creating a sqlite store (MLflow migrates a fresh tracking
-    database without one, so parallel jobs would race on its schema); none where it cannot be taken."""
-    path, handle = sqlite_path(uri), None
+    database without one, so parallel jobs would race on its schema); none where it cannot be taken.
+
+    The lock file is ``<store>.lock`` beside the store, removed by its holder when done: a waiter that
+    then holds the lock of a removed file (not the one at that path) takes the lock again."""
+    path, fd = sqlite_path(uri), None
     if path is not None:
+        lock = path.with_name(f"{path.name}.lock")
         try:
             import fcntl
 
-            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-            handle = open(Path(tempfile.gettempdir()) / f"maskconnect-mlflow-{digest}.lock", "a")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except (ImportError, OSError):  # no fcntl, an unwritable temp dir, ENOLCK: go on without
-            handle = handle and handle.close()
+            while fd is None:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+                fd = None
+        except (ImportError, OSError):  # no fcntl, ENOLCK (some network file systems): go on without
+            if fd is not None:  # flock refused here is refused to everyone: the file serves no one
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+            fd = None
     try:
         yield
     finally:
-        if handle is not None:
-            handle.close()  # releases the flock
+        if fd is not None:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
 
 
 def client(uri: str):
@@ -171,6 +224,7 @@ def client(uri: str):
     with _READY_LOCK:
         if uri in _READY_URIS:
             return MlflowClient(tracking_uri=uri)  # MLflow caches the store per URI
+        check_uri(uri)
         _check_sqlite_store(uri)
         with _store_lock(uri):
             c = MlflowClient(tracking_uri=uri)  # builds the store (runs migrations if fresh)

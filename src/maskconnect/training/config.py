@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError
+from ..io import name_problem
 from ..specs import DEFAULT_MASK_INIT, ModelSpec, canonical_arch, make_spec
 from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
 
@@ -178,7 +179,18 @@ def check_out(out) -> str:
         raise ConfigError("out", out, "a run directory path (--out DIR), not empty")
     if "\0" in out:
         raise ConfigError("out", out, "a path without NUL characters")
+    problem = name_problem(out)
+    if problem:
+        raise ConfigError("out", out, problem)
     return out
+
+
+def _option(name: str, value) -> str:
+    """How ``maskconnect train`` spells field ``name`` set to ``value`` (options.add_train_arguments)."""
+    if name in ("track", "compile"):  # flags without a value
+        return "--no-track" if name == "track" else "--compile"
+    shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return f"--{name.replace('_', '-')} {shown}"
 
 
 def _number(v, *, lo: float, open_lo: bool = False) -> bool:
@@ -193,8 +205,12 @@ def _positive(name: str, v) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
+    """The config of ``maskconnect train``'s options (unset ones are None: the recipe's or TrainConfig's
+    default applies). A field given twice, by its option and by ``--set``, is refused: which one won
+    would be a guess."""
     names = {f.name for f in fields(TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = dict(kw)
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise ConfigError("set", item, "key=value with key a TrainConfig field")
@@ -203,6 +219,8 @@ def config_from_args(args) -> TrainConfig:
             raise ConfigError("set", item, "out is not a --set field: give the run directory with --out DIR")
         if k not in names:
             raise ConfigError("set", k, f"a TrainConfig field: {', '.join(sorted(names))}")
+        if k in given:
+            raise ConfigError("set", item, f"{k} is also given by its option ({_option(k, given[k])}): give it once")
         try:
             kw[k] = json.loads(v)
         except json.JSONDecodeError:

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import RunDirError
+from ..io import symlink_problem
 
 LOCK_NAME = ".lock"
 # flock is refused by the file system (Lustre -o noflock: ENOSYS; some FUSE mounts: EOPNOTSUPP)
@@ -84,8 +85,11 @@ def prepare_directory(directory: Path, what: str = "--out") -> bool:
     """Create ``directory`` (and its parents) if needed; returns True if it was created.
 
     Raises :class:`RunDirError` naming the path when it cannot be a directory: a component is a
-    file, it is not writable, the file system is read-only.
+    file, it is not writable, the file system is read-only, it is a broken symbolic link.
     """
+    link = symlink_problem(directory)
+    if link:  # else it would be taken for a file: mkdir finds something there, and it is not a directory
+        raise RunDirError(f"{what} {directory} {link}; give a run directory, or fix the link")
     if directory.exists():
         if not directory.is_dir():
             raise RunDirError(f"{what} {directory} is a file, not a run directory")

@@ -35,7 +35,7 @@ from .ddp import Distributed, cleanup_distributed, epoch_means, from_main, init_
 from .device import resolve_device, tune_cpu_allocator
 from .lock import RunLock
 from .progress import Progress
-from .schedule import build_optimizer, joint_phase_over, phase
+from .schedule import build_optimizer, joint_phase_over, phase, scaled_lr
 from .step import Precision, evaluate, train_step
 
 
@@ -127,6 +127,8 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
                       eval_batch_size=cfg.eval_batch_size, device=device, seed=cfg.seed, augment=cfg.augment,
                       workers=cfg.workers, synthetic=cfg.synthetic or None)
     data.shard(dist.rank, dist.world)
+    if cfg.batch_size * dist.world > data.train_size and dist.main:
+        print(f"warning: {_batch_text(cfg, dist.world, data.train_size)}", file=sys.stderr, flush=True)
     spec = TrainConfig.spec(cfg, num_classes=data.info.num_classes)
 
     torch.manual_seed(cfg.seed)  # initial weights (and, later, the mask draws) come from the seed
@@ -222,7 +224,7 @@ def _epoch(r: _Run, step_model, epoch: int) -> dict:
     # the test loss too: the epoch's last step may have broken the weights after the last train loss
     ev = evaluate(model, r.data.test_batches(), r.precision, r.data.info.num_classes) if math.isfinite(train_loss) else None
     if ev is None or not math.isfinite(ev["test_loss"]):
-        raise _diverged(train_loss, ev, epoch, r.out)
+        raise _diverged(train_loss, ev, epoch, r.out, _lr_text(r.cfg, r.dist.world, r.data.train_size))
     return {"epoch": epoch + 1, "phase": frozen_phase, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
             "train_loss": train_loss, "train_top1": train_top1, **ev, **_mask_columns(model, before)}
 
@@ -257,11 +259,34 @@ def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Dist
     return ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"]
 
 
-def _diverged(train_loss: float, ev: dict | None, epoch: int, out: Path) -> TrainingDiverged:
+def _batch_text(cfg: TrainConfig, world: int, train_size: int) -> str:
+    return (f"--batch-size {cfg.batch_size}{f' x {world} processes' if world > 1 else ''} is larger than the "
+            f"{train_size} training images: each epoch is one step on all of them, and the LR is scaled for a "
+            f"batch of {cfg.batch_size * world} ({_scaling(cfg, world)})")
+
+
+def _scaling(cfg: TrainConfig, world: int) -> str:
+    lr = scaled_lr(cfg.lr, cfg.batch_size, world, cfg.lr_reference_batch)
+    return f"--lr {cfg.lr:g} is meant for a batch of {cfg.lr_reference_batch}: {cfg.lr:g} x {cfg.batch_size * world} / {cfg.lr_reference_batch} = {lr:.3g}"
+
+
+def _lr_text(cfg: TrainConfig, world: int, train_size: int) -> str:
+    """What a diverged run's message adds: the LR scaling, when it raised the LR, and a batch larger
+    than the training set (two causes the advice "lower --lr" would hide)."""
+    causes = []
+    if cfg.batch_size * world > cfg.lr_reference_batch:
+        causes.append(f"The LR was scaled up linearly with the batch ({_scaling(cfg, world)}; "
+                      "--lr-reference-batch sets the batch --lr is meant for).")
+    if cfg.batch_size * world > train_size:
+        causes.append(f"The batch ({cfg.batch_size * world}) is larger than the {train_size} training images.")
+    return (" " + " ".join(causes)) if causes else ""
+
+
+def _diverged(train_loss: float, ev: dict | None, epoch: int, out: Path, causes: str = "") -> TrainingDiverged:
     which = "training" if ev is None else "test"
     bad = train_loss if ev is None else ev["test_loss"]
     last = f"the last good checkpoint (after epoch {epoch}) is kept in {out / rundir.CHECKPOINT}" if epoch else "no checkpoint was written"
-    return TrainingDiverged(f"{which} loss became {bad} in epoch {epoch + 1}; {last}. Lower --lr or check the data.")
+    return TrainingDiverged(f"{which} loss became {bad} in epoch {epoch + 1}; {last}.{causes} Lower --lr or check the data.")
 
 
 def _mask_columns(model, before) -> dict:

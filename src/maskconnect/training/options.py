@@ -18,6 +18,13 @@ def _bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
+def _epochs(v: str) -> list[int]:
+    try:
+        return [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs separated by commas, e.g. 150,225, got {v!r}") from None
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``maskconnect train``, the fields of :class:`TrainConfig` that
     :func:`~.config.config_from_args` reads."""
@@ -28,16 +35,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", required=True, help="digits, cifar10, cifar100, imagenet or synthetic")
     g.add_argument("--arch", required=True, help="a ResNeXt {D,w,C} as 'D,w,C' (e.g. 29,8,8) or a ResNet as 'resnetD' "
                                                   "(e.g. resnet38, resnet50)")
+    # No option has a default of its own: an unset one is None and TrainConfig's default applies, so a
+    # field given both as an option and by --set is told apart from a default (config_from_args refuses it)
     g.add_argument("--connectivity", help="full (ResNeXt) or prev (ResNet): the network's own wiring, the default; "
                                           "random or learned: masks of fan-in K")
     g.add_argument("--fan-in", dest="fan_in", type=int, metavar="K",
                    help="fan-in K for random/learned: 1..C for a ResNeXt, 1..L-1 earlier blocks for a ResNet of L blocks")
-    g.add_argument("--seed", type=int, default=0, help="seed: weights, Fixed-Random masks, data order, mask draws")
+    g.add_argument("--seed", type=int, help="seed: weights, Fixed-Random masks, data order, mask draws (default 0)")
     g.add_argument("--stage-width", dest="stage_width", type=int, help="output width of stage 1 (default: the paper's)")
     g = p.add_argument_group("recipe (defaults from --recipe)")
-    g.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
-                   help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo: the demo grid's digits schedule "
-                        "(18 epochs, mask LR 2.0, masks frozen after epoch 10; section 9); smoke: tests")
+    g.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo (the default): the demo "
+                        "grid's digits schedule (18 epochs, mask LR 2.0, masks frozen after epoch 10; section 9); smoke: tests")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch per process (global = this x processes)")
     g.add_argument("--lr", type=float, help="LR for --lr-reference-batch images; scaled linearly with the global batch")
@@ -45,7 +54,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="the global batch --lr is meant for (default: the recipe's batch)")
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", dest="weight_decay", type=float)
-    g.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",") if x],
+    g.add_argument("--milestones", type=_epochs,
                    help="epochs at which the LR is divided by 10, e.g. 150,225 (default: recipe fractions of --epochs)")
     g.add_argument("--freeze-epoch", dest="freeze_epoch", type=int,
                    help="epoch after which learned masks are frozen to top-K (default: the first LR drop; demo: one epoch later)")
@@ -60,7 +69,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--data-dir", dest="data_dir", help="dataset folder (default ./data; ImageNet: ./data/imagenet)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     g.add_argument("--workers", type=int, help="DataLoader workers (ImageNet)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (any device; on a CPU the masked mixing measured slower compiled: bench/README.md)")

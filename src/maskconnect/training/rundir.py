@@ -45,7 +45,9 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
     ``replace`` it is moved aside (renamed with a timestamp suffix), not deleted. A run of the same
     config whose files cannot be loaded (no readable checkpoint to resume from; a finished run whose
     model, pruned model or masks are unreadable) is an error naming the file, or with ``replace`` it
-    is moved aside too.
+    is moved aside too. A different run that never finished an epoch (config.json, no checkpoint,
+    history or result) is moved aside without ``replace``: there is nothing of it to keep or resume,
+    so a rerun after a bad first try (a batch too large, a diverged first epoch) is not refused.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -72,6 +74,9 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
     old_id = identity_of(old)
     diff = {k: (old_id.get(k), new.get(k)) for k in {**new, **old_id} if old_id.get(k) != new.get(k)}
     if diff:
+        if not replace and not _trained(out):
+            _move_aside(out, "it held a different run that never finished an epoch", lock)
+            return "new"
         if not replace:
             shown = [k for k in diff if k not in LEARNED_ONLY] or list(diff)  # learned-only fields follow connectivity
             detail = ", ".join(f"{k}={diff[k][0]!r} there, {diff[k][1]!r} here" for k in shown[:4])
@@ -86,6 +91,11 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
             return "new"
         raise RunDirError(f"{problem}. Pass --replace to move this run aside and train it again")
     return state
+
+
+def _trained(out: Path) -> bool:
+    """Whether ``out`` holds anything a run wrote after its first epoch (a checkpoint, history, a result)."""
+    return any((out / name).exists() for name in (CHECKPOINT, PREVIOUS, METRICS, "history.csv", "masks.json", "pruned.pt"))
 
 
 def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
@@ -136,7 +146,7 @@ def _torch_problem(path: Path) -> str | None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zips, bad pickles, I/O errors: torch raises many kinds
-        return short_error(e)
+        return load_error(path, e)
     return None
 
 
@@ -146,12 +156,28 @@ def _checkpoint_problem(path: Path, cfg: TrainConfig) -> str | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        return short_error(e)
+        return load_error(path, e)
     if not isinstance(ck, dict) or any(k not in ck for k in _CHECKPOINT_KEYS):
         return "not a checkpoint of this version"
     if identity_of(ck["config"]) != cfg.identity():
         return "it belongs to a different run (its config differs from config.json)"
     return None
+
+
+def load_error(path: Path, e: BaseException) -> str:
+    """Why torch.load failed on ``path``, in our words where torch's would mislead: an empty file, or
+    one that is not a zip archive (what torch.save writes), where torch speaks of pickles and of
+    re-saving with other options; else the first sentence of its error (:func:`short_error`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return short_error(e)
+    if not head:
+        return "an empty file (0 bytes): it was never written, or it was cut to nothing"
+    if head != b"PK\x03\x04":
+        return "not a file torch.save writes (not a zip archive): damaged, or another kind of file"
+    return short_error(e)
 
 
 def short_error(e: BaseException) -> str:
@@ -226,7 +252,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig) -> tuple[dict, Path]:
             if identity_of(ck["config"]) != cfg.identity():
                 raise ValueError("it belongs to a different run")
         except Exception as e:
-            errors.append(f"{path.name}: {short_error(e)}")
+            errors.append(f"{path.name}: {load_error(path, e)}")
             continue
         if errors:
             print(f"{out}: {errors[0]}; resuming from {path.name} (epoch {ck['epoch']}) instead", file=sys.stderr)
