@@ -80,6 +80,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     for name in (*BENCHMARKS, "cuda-check", "demo-width", "all", "summary"):
         sub.add_parser(name, parents=[common], help=HELP[name], description=HELP[name])
     # its own options (bench/masks.py); main() hands its arguments over before parsing
+    sub.add_parser("costparts", add_help=False, help="where a learned model's extra cost goes: kernel launches of a "
+                   "training step on CUDA's path, and FLOPs by part (device-independent); 'costparts --help'")
     sub.add_parser("resnet", add_help=False, help="the masked ResNet: step time and saved memory against the standard "
                    "ResNet (--part cost), mean or sum of the selected outputs on digits (--part combine); 'resnet --help'")
     sub.add_parser("masks", add_help=False, help="the mask update rules (docs/mask_rules.md): planted connectivity and the long "
@@ -137,6 +139,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         from .masks import main as masks_main
 
         return masks_main(argv[1:])
+    if argv[:1] == ["costparts"]:
+        from .costparts import main as costparts_main
+
+        return costparts_main(argv[1:])
     if argv[:1] == ["resnet"]:
         from .resnet import main as resnet_main
 

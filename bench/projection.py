@@ -75,16 +75,28 @@ def _cifar10() -> list[Run]:
 
 def _imagenet() -> list[Run]:
     runs = []
-    for arch in ("50,4,32", "101,4,32", "101,4,64"):
-        c = int(arch.split(",")[2])
+    for arch, c in (("50,4,32", 32), ("101,4,32", 32), ("101,4,64", 64)):
         runs += [Run("imagenet", arch, "full", c, 1), Run("imagenet", arch, "learned", c // 2, 1),
                  Run("imagenet", arch, "random", c // 2, 1)]
     return runs
 
 
-BUILTIN_GRIDS: dict[str, list[Run]] = {"cifar100": _cifar100(), "cifar10": _cifar10(), "imagenet": _imagenet()}
-BUILTIN_GRIDS["paper"] = BUILTIN_GRIDS["cifar100"] + BUILTIN_GRIDS["cifar10"] + BUILTIN_GRIDS["imagenet"]
-GRID_NAMES = ("cifar100", "cifar10", "imagenet", "paper")
+def _cifar100_resnet() -> list[Run]:
+    runs = []
+    for arch, k in (("resnet38", 10), ("resnet74", 15), ("resnet110", 20)):   # Table 1
+        runs += [Run("cifar100", arch, "prev", 1, 4), Run("cifar100", arch, "random", k, 4),
+                 Run("cifar100", arch, "learned", k, 4)]
+    return runs + [Run("cifar100", "resnet38", "learned", k, 4) for k in range(1, 18) if k != 10]   # Fig. 2
+
+
+def _imagenet_resnet() -> list[Run]:
+    return [Run("imagenet", "resnet50", "prev", 1, 1), Run("imagenet", "resnet50", "learned", 10, 1)]
+
+
+BUILTIN_GRIDS: dict[str, list[Run]] = {"cifar100": _cifar100(), "cifar10": _cifar10(), "imagenet": _imagenet(),
+                                       "cifar100-resnet": _cifar100_resnet(), "imagenet-resnet": _imagenet_resnet()}
+BUILTIN_GRIDS["paper"] = [r for runs in BUILTIN_GRIDS.values() for r in runs]
+GRID_NAMES = ("cifar100", "cifar10", "imagenet", "cifar100-resnet", "imagenet-resnet", "paper")
 
 
 def suite_grids() -> dict[str, list[Run]]:
@@ -163,10 +175,20 @@ def _cost_keys(grids: dict[str, list[Run]]) -> list[tuple]:
 
 
 def _config(key: tuple, image_size: int | None = None) -> Config:
+    """The model a cost key stands for; a masked one at any valid K (every branch or candidate is computed
+    whatever K is): ResNeXt K=4 (CIFAR) or C/2, ResNet K=10 (or its largest)."""
+    from maskconnect.specs import make_spec
+
     layout, arch, kind = key
-    c = int(arch.split(",")[2])
-    k = None if kind == "full" else (4 if layout == "cifar" else c // 2)
-    return Config(arch, kind, k, dataset="cifar100" if layout == "cifar" else "imagenet", image_size=image_size)
+    dataset = "cifar100" if layout == "cifar" else "imagenet"
+    base = make_spec(arch, dataset=dataset)
+    if kind == base.connectivity:
+        k = None
+    elif base.family == "resnet":
+        k = min(10, base.max_fan_in)
+    else:
+        k = 4 if layout == "cifar" else base.cardinality // 2
+    return Config(arch, kind, k, dataset=dataset, image_size=image_size)
 
 
 def run(ctx: Context) -> Path:
@@ -210,7 +232,7 @@ def run(ctx: Context) -> Path:
         for key in keys:
             if key in measured:
                 continue
-            proxy = ("cifar", "20,4,8", key[2])
+            proxy = ("cifar", "20,4,8", "full" if key[2] == "prev" else key[2])   # a model's own wiring
             scale = flops_per_image(_config(key)) / flops_per_image(_config(proxy))
             recipe_batch = RECIPE[key[0]]["batch"]
             step = measured[proxy]["step_s"] * scale * recipe_batch / RECIPE["cifar"]["batch"]

@@ -13,7 +13,7 @@ from maskconnect.connectivity import param_groups
 from maskconnect.models.counting import count_flops
 from maskconnect.training.step import train_step
 from maskconnect.models import build_model
-from maskconnect.specs import ModelSpec, make_spec
+from maskconnect.specs import MASKED, ModelSpec, arch_label, make_spec
 
 from .common import Context, Workload, free_memory, tensor_bytes
 
@@ -33,13 +33,14 @@ class Config:
 
     @property
     def label(self) -> str:
-        kind = {"full": "full", "random": f"random K={self.fan_in}", "learned": f"learned K={self.fan_in}"}[self.connectivity]
+        kind = {"full": "full", "prev": "prev", "random": f"random K={self.fan_in}",
+                "learned": f"learned K={self.fan_in}"}[self.connectivity]
         size = f" @{self.image_size}px" if self.image_size else ""
-        return f"{{{self.arch}}} {kind}{size}"
+        return f"{arch_label(self.arch)} {kind}{size}"
 
     def spec(self, seed: int = 0) -> ModelSpec:
         return make_spec(self.arch, connectivity=self.connectivity,
-                         fan_in=None if self.connectivity == "full" else self.fan_in,
+                         fan_in=self.fan_in if self.connectivity in MASKED else None,
                          dataset=self.dataset, image_size=self.image_size, seed=seed)
 
     def as_dict(self) -> dict:

@@ -88,6 +88,23 @@ def test_projection_matches_an_independent_solver(k):
         np.testing.assert_allclose(got, _reference_projection(row, k), atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_projection_of_rows_with_different_candidates_matches_the_solver_on_each_row(k):
+    """A ResNet's rows (candidates 1..L-1): each row projected onto its own capped simplex, the sum K_j =
+    min(K, candidates), the entries outside its candidates 0."""
+    from maskconnect.connectivity import candidate_masks
+
+    counts = [1, 2, 4, 6, 9]
+    valid = candidate_masks(counts)
+    g = torch.Generator().manual_seed(k)
+    v = (torch.randn(5, 9, generator=g, dtype=torch.float64) * 0.7 + 0.3) * valid
+    p = project_capped_simplex(v, k, valid)
+    for row, n, got in zip(v.numpy(), counts, p.numpy()):
+        want = np.ones(n) if n <= k else _reference_projection(row[:n], k)
+        np.testing.assert_allclose(got[:n], want, atol=1e-5)
+        assert (got[n:] == 0).all()
+
+
 def test_projection_in_float32_on_degenerate_rows():
     k = 3
     rows = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0],                 # K-hot: a vertex, kept
