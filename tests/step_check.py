@@ -30,8 +30,8 @@ def fp32_mask_draws():
 
     sample = connectivity.sample_masks
 
-    def draw(real, k, generator=None, floor=connectivity.PROB_FLOOR):
-        return sample(real.float(), k, generator=generator, floor=floor).to(real.dtype)
+    def draw(real, k, generator=None, floor=connectivity.PROB_FLOOR, valid=None):
+        return sample(real.float(), k, generator=generator, floor=floor, valid=valid).to(real.dtype)
 
     connectivity.sample_masks = draw
     try:

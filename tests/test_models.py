@@ -179,15 +179,26 @@ RULES_SMALL = dict(dataset="synthetic", stage_width=8, num_classes=5, image_size
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_identity_share_is_one_over_k_into_masks_and_one_over_c_into_the_output(k):
     """With every residual function zeroed (conv3 = 0, shared BN3 beta = 0), a module's branch outputs
-    are its identity paths times the share; read through a module output with hooks."""
+    are its identity paths times the share; read at each module's plain form (its mixed input, its output)."""
     c = 4
     spec = make_spec("20,2,4", connectivity="random", fan_in=k, **RULES_SMALL)
     model = MaskedResNeXt(spec).eval()
     seen = []
+
+    def watch(blk):
+        plain = blk.plain
+
+        def spy(x):
+            y = plain(x)
+            seen.append((blk, x, y))
+            return y
+
+        blk.plain = spy
+
     for blk in model.blocks():
         torch.nn.init.zeros_(blk.conv3.weight)
         torch.nn.init.zeros_(blk.bn3.bias)
-        blk.register_forward_hook(lambda mod, inp, out: seen.append((mod, inp[0], out)))
+        watch(blk)
     model(torch.randn(3, 3, 8, 8))
     last = len(seen) - 1
     for i, (blk, x, y) in enumerate(seen):

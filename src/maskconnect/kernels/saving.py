@@ -23,9 +23,9 @@ instead of 35), and the plain path on a CPU, where memory is rarely the limit an
 recomputation costs speed (measured, 1 thread, {29,64,8} learned K=4 / Fixed-Full: 0.46 saving vs 0.55
 plain; digits {20,4,8} K=2 step 249 vs 214 ms). True/False force it; the tests compare the two paths.
 
-The functions here read a masked module (``models.masked.MaskedBlock``) by its attributes only: conv1,
-bn1, conv2, bn2, conv3, bn3 (shared by the branches), downsample, branches, in_ch, out_ch,
-identity_scale.
+The functions here read a masked module (``models.masked.MaskedBlock``) through the attributes
+:class:`SavingBlock` declares, and nothing else; ``MaskedBlock.forward`` is the one entry point that
+chooses this path or the plain one.
 """
 
 from __future__ import annotations
@@ -34,11 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from typing import Protocol
+
 from .cpu import _matmul_1x1, bn_train_backward, bn_train_forward, conv1x1, grouped_1x1
 from .mixing import mix
 
 
-def forward_saving(block: nn.Module, x: Tensor | None = None, y_prev: Tensor | None = None,
+class SavingBlock(Protocol):
+    """What the saving path reads of a masked module (``models.masked.MaskedBlock``): its layers, with the
+    parameters and BN statistics of the plain form, and its shape."""
+
+    conv1: nn.Conv2d          # grouped 1x1 (plain for the stem-fed module), n branches
+    bn1: nn.BatchNorm2d
+    conv2: nn.Conv2d          # the grouped 3x3
+    bn2: nn.BatchNorm2d
+    conv3: nn.Conv2d          # grouped 1x1, stored per branch
+    bn3: nn.BatchNorm2d       # shared by the n branches
+    downsample: nn.Sequential | None   # the projection shortcut P (1x1 conv, BN) or None
+    branches: int
+    in_ch: int
+    out_ch: int
+    identity_scale: float
+
+
+def forward_saving(block: SavingBlock, x: Tensor | None = None, y_prev: Tensor | None = None,
                    mask: Tensor | None = None) -> Tensor:
     """What ``block(mix(mask, y_prev))`` computes (``block(x)`` for the stem-fed module), keeping for
     the backward pass only ``y_prev`` (the previous module's branch tensors, which the mask gradient
@@ -67,7 +86,7 @@ def forward_saving(block: nn.Module, x: Tensor | None = None, y_prev: Tensor | N
     return torch.add(h, idt, alpha=block.identity_scale)  # one pass: h + idt * scale
 
 
-def _projection(block: nn.Module, x: Tensor, w: Tensor, g: Tensor, b: Tensor, first: bool) -> Tensor:
+def _projection(block: SavingBlock, x: Tensor, w: Tensor, g: Tensor, b: Tensor, first: bool) -> Tensor:
     """P on every branch: the shared projection on the (N*n, in, H, W) view. The first call (forward
     pass) is the BN module's own, which updates the running statistics; the recomputation in the
     backward pass normalises by the same batch statistics and updates nothing."""
@@ -109,7 +128,7 @@ class _MixedInput(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, block: nn.Module, y_prev: Tensor, mask: Tensor, w1: Tensor, *ds: Tensor):
+    def forward(ctx, block: SavingBlock, y_prev: Tensor, mask: Tensor, w1: Tensor, *ds: Tensor):
         ctx.block, ctx.autocast = block, _autocast_state(y_prev.device.type)
         ctx.set_materialize_grads(False)
         x = mix(mask, y_prev)
@@ -151,7 +170,7 @@ class _SharedBNTail(torch.autograd.Function):
     statistics are updated once, in the forward pass, as ``nn.BatchNorm2d`` does in training."""
 
     @staticmethod
-    def forward(ctx, block: nn.Module, h2: Tensor, w3: Tensor, g3: Tensor, b3: Tensor):
+    def forward(ctx, block: SavingBlock, h2: Tensor, w3: Tensor, g3: Tensor, b3: Tensor):
         bn = block.bn3
         h = grouped_1x1(h2, w3, block.branches)
         hv = h.reshape(h.shape[0] * block.branches, block.out_ch, h.shape[-2], h.shape[-1])

@@ -22,8 +22,9 @@ connection, C into the output node):
 The model is vectorised over branches: a module's C branch tensors are one (N, C*width, H, W) tensor,
 its 1x1 convs are grouped (groups = C), the 3x3 is ResNeXt's grouped conv, and the mixing is one bmm
 (``kernels.mix``). A masked model has exactly the weights of its ResNeXt baseline; the masks are counted
-apart. In training on CUDA the modules run :func:`maskconnect.kernels.forward_saving`, the same function
-with fewer tensors kept for the backward pass (``model.save_memory``).
+apart. ``MaskedBlock.forward`` is a module's one entry point: it mixes its input and runs the plain form
+(:meth:`MaskedBlock.plain`) or, in training on CUDA, :func:`maskconnect.kernels.forward_saving`, the same
+function with fewer tensors kept for the backward pass (``model.save_memory``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,18 @@ class MaskedBlock(nn.Module):
         if stride != 1 or in_ch != out_ch:
             self.downsample = shortcut(in_ch, out_ch, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | None = None, *, y_prev: Tensor | None = None, mask: Tensor | None = None,
+                save: bool = False) -> Tensor:
+        """The module on its input: ``x`` for the stem-fed module, else the previous module's branch outputs
+        ``y_prev`` mixed by ``mask`` (``kernels.mix``: x_j = ReLU(sum_k m_jk y_k)). The one entry point:
+        with ``save`` (the model's ``save_memory``) a training pass with autograd on runs the same function
+        on the memory-saving path (:meth:`forward_saving`), every other pass :meth:`plain`."""
+        if save and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.forward_saving(x, y_prev, mask)
+        return self.plain(x if y_prev is None else mix(mask, y_prev))
+
+    def plain(self, x: Tensor) -> Tensor:
+        """Y_k = F_k(x_k) + P(x_k) * identity_scale, as autograd keeps it (the architecture's statement)."""
         n, out_ch = self.branches, self.out_ch
         batch = x.shape[0]
         h = F.relu(self.bn1(grouped_1x1(x, self.conv1.weight, self.conv1.groups)))
@@ -100,8 +112,9 @@ class MaskedBlock(nn.Module):
         return torch.add(h, idt, alpha=self.identity_scale)  # one pass: h + idt * scale
 
     def forward_saving(self, x: Tensor | None = None, y_prev: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """``self(mix(mask, y_prev))`` (``self(x)`` for the stem-fed module) on the memory-saving path
-        (training only): :func:`maskconnect.kernels.forward_saving`."""
+        """``plain(mix(mask, y_prev))`` (``plain(x)`` for the stem-fed module) on the memory-saving path
+        (training only): :func:`maskconnect.kernels.forward_saving`, which reads the attributes
+        ``kernels.saving.SavingBlock`` declares."""
         return kernels.forward_saving(self, x, y_prev, mask)
 
 
@@ -151,13 +164,7 @@ class MaskedResNeXt(StemMixin, nn.Module):
         masks = self.masks()  # one draw per forward pass (= per training iteration)
         blocks = self.blocks()
         save = x.is_cuda if self.save_memory is None else self.save_memory
-        if save and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            y = blocks[0].forward_saving(x)
-            for i in range(1, len(blocks)):
-                y = blocks[i].forward_saving(y_prev=y, mask=masks[i - 1])
-            return self.fc(torch.flatten(self.avgpool(F.relu(y.sum(1))), 1))
-        last = len(blocks) - 1
-        for i, block in enumerate(blocks):
-            y = block(x)
-            x = mix(masks[i], y) if i < last else F.relu(y.sum(1))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        y = blocks[0](x, save=save)
+        for i in range(1, len(blocks)):
+            y = blocks[i](y_prev=y, mask=masks[i - 1], save=save)
+        return self.fc(torch.flatten(self.avgpool(F.relu(y.sum(1))), 1))  # the output node: all C branches
