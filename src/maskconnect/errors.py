@@ -45,3 +45,8 @@ class TrackingError(MaskConnectError, RuntimeError):
     """The MLflow store cannot be used (``maskconnect track``; training only warns). Exit code 1."""
 
     exit_code = 1
+
+
+class ReportWarning(UserWarning):
+    """Something a reader of the report must know that does not stop it (no complete run found); the CLI
+    prints it as one line."""

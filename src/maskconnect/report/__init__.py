@@ -23,11 +23,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ReportWarning
+
 __all__ = ["build_report", "read_expected", "ReportWarning"]
-
-
-class ReportWarning(UserWarning):
-    """Something a reader of the report must know that does not stop it (no complete run found)."""
 
 
 def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..errors import ReportWarning
 from ..io import atomic_write_text
 from . import claims, figures, tables
-from . import ReportWarning
 from .paper import model_label
 from .runs import check_results, missing_runs, scan_runs
 
