@@ -214,18 +214,21 @@ def _truncate(path: Path, size: int = 1000) -> None:
         f.truncate(size)
 
 
-def test_truncated_latest_checkpoint_resumes_from_the_previous_one_bit_identical(tmp_path):
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one_bit_identical(tmp_path, same_threads):
     args = [*LEARNED, "--epochs", "3", "--seed", "3", "--no-track"]
     ref = tmp_path / "ref"
-    assert main(["train", *args, "--out", str(ref)]) == 0
+    assert main(["train", *args, "--out", str(ref)]) == 0   # in this process, on same_threads' one thread
     out = tmp_path / "run"
-    killed = _run([sys.executable, ROOT / "tests" / "train_hooks.py", "--kill-after", "2", "--", *args, "--out", out])
+    env = _env(**same_threads)                               # the killed and the resumed run: one thread too
+    killed = _run([sys.executable, ROOT / "tests" / "train_hooks.py", "--kill-after", "2", "--", *args, "--out", out],
+                  env=env)
     assert killed.returncode == 137
     assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
     _truncate(out / "checkpoint.pt")
-    err = _clean(_cli("train", *args, "--out", out), 0)
+    err = _clean(_cli("train", *args, "--out", out, env=env), 0)
     assert "checkpoint.pt: RuntimeError" in err and "resuming from checkpoint.prev.pt (epoch 1) instead" in err
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (ref, out))
+    assert a["device"] == b["device"] and "1 threads" in a["device"]   # the pin took: "cpu (<processor>, 1 threads)"
     for key in ("top1", "top5", "test_loss", "best_top1", "params_test"):
         assert a[key] == b[key], key
     assert json.loads((ref / "masks.json").read_text()) == json.loads((out / "masks.json").read_text())
