@@ -334,6 +334,26 @@ def test_grid_check_refuses_a_bad_train_override_naming_file_entry_and_key(overr
         assert word in err, (word, err)
 
 
+# What a grid entry (or the pipeline) sets for each of its runs, and the entry's field that sets it: as a
+# train: override it would give every run of the entry the same value (`train: {seed: 7}` under seeds
+# [0, 1] makes two run directories hold one run), so each is refused.
+ENTRY_OWN_KEYS = {"seed: 7": "'seeds'", "dataset: cifar10": "'dataset'", 'arch: "11,2,4"': "'arch'",
+                  "connectivity: random": "'connectivity'", "fan_in: 1": "'fan_ins'", "recipe: smoke": "'recipe'",
+                  "device: cuda": "'device'", "experiment: other": "the pipeline", "out: elsewhere": "the pipeline"}
+
+
+@pytest.mark.parametrize("override", sorted(ENTRY_OWN_KEYS))
+def test_grid_check_refuses_an_entrys_own_key_as_a_train_override(override, tmp_path, capsys):
+    path = _grid(tmp_path, override)
+    path.write_text(path.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
+    key = override.split(":")[0]
+    assert main(["grid", "check", "--grid", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "grid 'badgrid' entry 1 (digits 20,4,8 full)" in err and f"(file {path})" in err
+    assert f"train.{key}=" in err and "not a train: override" in err and ENTRY_OWN_KEYS[override] in err, err
+
+
 def test_snakemake_dry_run_refuses_a_bad_train_override(tmp_path):
     from test_pipeline import fresh_checkout, snakemake
 
