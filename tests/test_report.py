@@ -397,6 +397,63 @@ def test_claim_verdicts_follow_the_tests(tmp_path):
     assert combine([found[4][0]])[0] == INCONCLUSIVE
 
 
+def _welch_ci(a, b) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b), Welch's, from scipy (not maskconnect.report.stats)."""
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return float(ci.low), float(ci.high)
+
+
+def test_claim2_needs_both_comparison_groups(tmp_path):
+    """Claim 2 says Fixed-Random is the worst: it is reproduced only when Random is significantly below
+    both Fixed-Full and Learned at its K. With one of them never run, the verdict is inconclusive, however
+    clearly Random loses to the other."""
+    full, random, learned = [75.0, 75.2, 74.9], [72.0, 72.3, 71.9], [76.0, 76.2, 75.9]
+    assert _welch_ci(full, random)[0] > 0 and _welch_ci(learned, random)[0] > 0  # both clearly above Random
+
+    def verdict(groups, root):
+        for conn, k, accs in groups:
+            for seed, acc in enumerate(accs):
+                write_run(root, "cifar100", "29,8,8", conn, k, seed, acc)
+        (finding,) = evaluate(scan_runs(root)[0], "cifar100")[2]
+        return finding
+
+    both = verdict([("full", 8, full), ("random", 4, random), ("learned", 4, learned)], tmp_path / "both")
+    assert both.verdict == REPRODUCED
+    no_learned = verdict([("full", 8, full), ("random", 4, random)], tmp_path / "no-learned")
+    assert no_learned.verdict == INCONCLUSIVE and "no Learned runs to compare with" in no_learned.why
+    no_full = verdict([("random", 4, random), ("learned", 4, learned)], tmp_path / "no-full")
+    assert no_full.verdict == INCONCLUSIVE and "no Fixed-Full runs to compare with" in no_full.why
+
+
+# Claim 4's non-inferiority margin, from the paper's "about equal accuracy" as the report's method states it:
+# the LOWER end of the 95% interval of (K=1 - Fixed-Full) must lie above -0.5 points.
+MARGIN = -0.5
+
+
+@pytest.mark.parametrize("k1,full,expected", [
+    # interval [-4.43, +1.77]: its upper end is above the margin, its lower end far below: not shown
+    ([70.802, 72.17, 73.538], [72.132, 73.5, 74.868], INCONCLUSIVE),
+    # interval [+0.27, +0.73], wholly above the margin: about equal
+    ([73.7, 73.8, 73.9], [73.4, 73.3, 73.2], REPRODUCED),
+    # interval [-2.95, -2.12], wholly below the margin: K=1 is worse
+    ([71.0, 71.2, 71.4], [73.9, 73.7, 73.6], NOT_REPRODUCED),
+], ids=["straddles", "above", "below"])
+def test_claim4_reads_the_lower_end_of_the_interval(k1, full, expected, tmp_path):
+    low, high = _welch_ci(k1, full)
+    if expected == INCONCLUSIVE:
+        assert (round(low, 2), round(high, 2)) == (-4.43, 1.77) and low < MARGIN < high
+    elif expected == REPRODUCED:
+        assert MARGIN < low
+    else:
+        assert high < MARGIN
+    for seed, (a, b) in enumerate(zip(k1, full)):
+        write_run(tmp_path, "cifar100", "29,8,8", "learned", 1, seed, a, params_test=650_000)  # 23% pruned
+        write_run(tmp_path, "cifar100", "29,8,8", "full", 8, seed, b)
+    (finding,) = evaluate(scan_runs(tmp_path)[0], "cifar100")[4]
+    assert f"[{low:+.2f}, {high:+.2f}]" in finding.test
+    assert finding.verdict == expected, (finding.test, finding.why)
+
+
 def test_live_branches_from_masks():
     # C=2, K=1: module 2 branch 0 reads branch 1 of module 1, branch 1 reads branch 1 too
     assert live_branches([[[0, 1], [0, 1]]]) == [[False, True], [True, True]]
