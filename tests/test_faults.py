@@ -502,7 +502,7 @@ def test_read_only_sqlite_store_costs_seconds_and_one_warning(tmp_path):
     assert f"maskconnect track sync {tmp_path / 'tracked'} --tracking-uri {uri}" in warnings[0]
     _one_run(tmp_path / "tracked")
     print(f"2-epoch digits run: --no-track {untracked:.1f} s, read-only sqlite store {tracked:.1f} s")
-    assert tracked - untracked < 60
+    assert tracked - untracked < 30   # the run's tracking failure budget (docs/run_format.md, "Tracking (MLflow)")
     for action in (["init"], ["sync", tmp_path / "tracked"]):
         t0 = time.monotonic()
         proc = _run(_ns(_ro(store), _cmd("track", *action, "--tracking-uri", uri)))
