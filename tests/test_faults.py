@@ -4,7 +4,8 @@ Each test asserts the exit code, that the message names the field or the file, t
 printed, and that nothing is lost or mixed. The concurrent cases start real processes
 (``python -m maskconnect train``), not threads. Read-only mounts and a full disk are real file systems:
 a tmpfs mounted in a private mount namespace (``unshare -m``, or ``unshare -U -r -m`` without root);
-those tests are skipped where the kernel allows neither.
+those tests are skipped where the kernel allows neither, and fail there under
+MASKCONNECT_REQUIRE_NAMESPACES=1 (.ci/run sets it: CI cannot go green by skipping them).
 """
 
 from __future__ import annotations
@@ -129,7 +130,25 @@ def _ns_unavailable() -> str | None:
     return None if r.returncode == 0 else f"cannot mount a tmpfs in a mount namespace: {r.stderr.strip()}"
 
 
-needs_ns = pytest.mark.skipif("_ns_unavailable() is not None", reason="mount namespaces unavailable")
+REQUIRE_NS = "MASKCONNECT_REQUIRE_NAMESPACES"  # set to 1 by .ci/run: no mount namespaces is a failure, not a skip
+
+
+def namespaces_unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires mount namespaces (``MASKCONNECT_REQUIRE_NAMESPACES=1``)."""
+    if os.environ.get(REQUIRE_NS) == "1":
+        pytest.fail(f"{REQUIRE_NS}=1 (CI) but a read-only or full file system cannot be mounted here: {reason} "
+                    f"(off CI, {REQUIRE_NS}=0 lets these tests skip)", pytrace=False)
+    pytest.skip(f"mount namespaces unavailable: {reason}")
+
+
+@pytest.fixture
+def mount_namespaces():
+    reason = _ns_unavailable()
+    if reason is not None:
+        namespaces_unavailable(reason)
+
+
+needs_ns = pytest.mark.usefixtures("mount_namespaces")
 
 
 def _ro(path: Path) -> str:
@@ -545,3 +564,24 @@ def test_mask_flags_on_a_fixed_full_run_are_ignored_without_changing_its_identit
     # a bad value is still refused
     assert main(["train", *TINY, "--epochs", "1", "--no-track", "--out", str(out), "--mask-rule", "nope"]) == 2
     assert "invalid mask_rule='nope'" in capsys.readouterr().err
+
+
+# ---- 7. CI cannot skip the mount-namespace tests -------------------------------------------------------
+
+@pytest.mark.parametrize("required", ["1", "0", None])
+def test_missing_mount_namespaces_fail_when_ci_requires_them(required, monkeypatch):
+    """What the tests on a read-only or full file system do where no mount namespace can be made: fail
+    under CI, skip otherwise; and each of them asks for the namespaces through that fixture."""
+    if required is None:
+        monkeypatch.delenv(REQUIRE_NS, raising=False)
+    else:
+        monkeypatch.setenv(REQUIRE_NS, required)
+    outcome = pytest.fail.Exception if required == "1" else pytest.skip.Exception
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="no unshare here") as caught:
+        namespaces_unavailable("no unshare here")
+    assert caught.type is outcome   # (a skip that escaped pytest.raises would skip this test, not fail it)
+    for test in (test_out_on_a_read_only_mount_exits_2_before_any_data_is_loaded,
+                 test_disk_full_mid_run_is_one_line_and_the_rerun_completes,
+                 test_read_only_sqlite_store_costs_seconds_and_one_warning):
+        marks = getattr(test, "pytestmark", [])
+        assert any(m.name == "usefixtures" and "mount_namespaces" in m.args for m in marks), test.__name__
