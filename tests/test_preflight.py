@@ -66,6 +66,46 @@ def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_pa
     assert "**PASSED**" in md and "| demo | 18 |" in md and md.count("| ok |") == len(run)
 
 
+COST_GRID = """\
+name: costgrid
+defaults: {dataset: digits, seeds: [0, 1], recipe: smoke, device: cpu}
+entries:
+  - {arch: "11,2,4", connectivity: full, train: {epochs: 3, batch_size: 64, eval_batch_size: 100, stage_width: 8}}
+  - {arch: "11,2,2", connectivity: full, train: {epochs: 2, batch_size: 50, eval_batch_size: 128, stage_width: 4}}
+"""
+
+
+def test_the_projection_is_epochs_times_training_steps_and_evaluation_passes(tmp_path):
+    """Each run's projected hours, by hand: epochs x (training steps x step time + evaluation passes x
+    evaluation time), with the step counts of the data a run iterates (not the projection's table of
+    dataset sizes) and the step times the record measured; the total is their sum."""
+    from maskconnect.data import build_data
+    from maskconnect.preflight import cost
+
+    grid = tmp_path / "cost.yaml"
+    grid.write_text(COST_GRID)
+    code, rec = _preflight(tmp_path, "--grid", str(grid), "--device", "cpu", "--time-steps", "1")
+    assert code == 0, _failed(rec)
+    proj = rec["projection"]
+    times = {m["label"]: m for m in proj["models"]}
+    settings = {"digits/11-2-4": (3, 64, 100), "digits/11-2-2": (2, 50, 128)}  # epochs, batch, eval batch
+    hand = {}
+    for run in proj["runs"]:
+        epochs, batch, eval_batch = settings[run["run"].rsplit("/", 2)[0]]
+        data = build_data("digits", batch_size=batch, eval_batch_size=eval_batch, augment=False)
+        steps, evals = data.steps_per_epoch(), sum(1 for _ in data.test_batches())
+        t = times[run["model"]]
+        assert (run["epochs"], t["batch"], t["eval_batch"]) == (epochs, batch, eval_batch)
+        hand[run["run"]] = epochs * (steps * t["train_step_s"] + evals * t["eval_step_s"]) / 3600
+        assert run["hours"] == pytest.approx(hand[run["run"]], rel=1e-9), (run, steps, evals)
+    assert len(hand) == 4 and proj["total"]["hours"] == pytest.approx(sum(hand.values()), rel=1e-9)
+    # run_hours on made-up times: 1442 training images are 23 steps of 64 (12 of 2 x 64 on two GPUs), 355
+    # test images 4 passes of 100: 3 x (23 x 0.5 + 4 x 0.2) = 36.9 s, and 3 x (12 x 0.5 + 4 x 0.2) = 20.4 s
+    made_up = {"train_step_s": 0.5, "eval_step_s": 0.2}
+    assert cost.run_hours("digits", 3, 64, 100, 0, made_up) == pytest.approx(36.9 / 3600)
+    assert cost.run_hours("digits", 3, 64, 100, 2, made_up) == pytest.approx(20.4 / 3600)
+
+
 def _scaled(fn, index: int, factor: float, when=lambda *a: True):
     """``fn`` (a backward) with its ``index``-th returned gradient scaled by ``factor``."""
     def wrapped(*args):
