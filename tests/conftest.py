@@ -32,6 +32,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def same_threads(one_thread) -> dict:
+    """For a bit-identical comparison of runs made in this process and in subprocesses: torch on one
+    thread here (``one_thread``), and the environment that starts a subprocess's torch on one thread too,
+    to merge into its env. A run on another thread count sums in another order, so without the pin a
+    user's exported OMP_NUM_THREADS (SLURM sites set it) decides whether two correct runs agree."""
+    return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -1,6 +1,6 @@
 """CI cannot go green by skipping: `.ci/run` fails when the SLURM cluster of test_slurm.py
-cannot be installed, and tells the test to fail rather than skip; `scripts/setup.sh` fails when pip
-fails. Both scripts run here for real, in a scratch project, against stub commands (id, apt-get, the
+cannot be installed, and tells that test, and the mount-namespace tests of test_faults.py, to fail rather
+than skip; `scripts/setup.sh` fails when pip fails. Both scripts run here for real, in a scratch project, against stub commands (id, apt-get, the
 SLURM binaries, the venv's python, the test suite), so nothing is installed and no suite runs."""
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def _stub(path: Path, body: str) -> None:
 @pytest.fixture
 def ci(tmp_path):
     """A scratch project holding .ci/run, a stub scripts/test.sh that records that it ran (and the
-    variable CI gives the tests), and a PATH of the few real tools .ci/run needs plus stubs."""
+    variables CI gives the tests), and a PATH of the few real tools .ci/run needs plus stubs."""
     proj = tmp_path / "proj"
     (proj / ".ci").mkdir(parents=True)
     (proj / "scripts").mkdir()
     shutil.copy(ROOT / ".ci" / "run", proj / ".ci" / "run")
     mark = tmp_path / "suite-ran"
-    _stub(proj / "scripts" / "test.sh", f'echo "REQUIRE=$MASKCONNECT_REQUIRE_SLURM" > "{mark}"')
+    _stub(proj / "scripts" / "test.sh",
+          f'echo "REQUIRE=$MASKCONNECT_REQUIRE_SLURM NS=$MASKCONNECT_REQUIRE_NAMESPACES" > "{mark}"')
     sysbin, stubs = tmp_path / "sysbin", tmp_path / "stubs"
     sysbin.mkdir()
     stubs.mkdir()
@@ -80,17 +81,19 @@ def test_ci_installs_missing_slurm_and_requires_the_cluster(ci):
     r, ran, log = ci(0, slurm=False, apt=0)
     assert r.returncode == 0, r.stderr
     assert "install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge" in log
-    assert ran == "REQUIRE=1"  # tests/test_slurm.py fails, not skips, if the cluster then cannot start
+    assert ran == "REQUIRE=1 NS=1"  # test_slurm.py (no cluster) and test_faults.py (no namespaces) fail, not skip
 
 
 def test_ci_with_slurm_installed_does_not_touch_apt(ci):
     r, ran, log = ci(0, slurm=True, apt=0)
-    assert r.returncode == 0 and ran == "REQUIRE=1" and log == "", r.stderr
+    assert r.returncode == 0 and ran == "REQUIRE=1 NS=1" and log == "", r.stderr
 
 
 def test_ci_opt_out_is_explicit_and_said(ci):
     r, ran, log = ci(1000, slurm=False, apt=None, env={"MASKCONNECT_REQUIRE_SLURM": "0"})
-    assert r.returncode == 0 and ran == "REQUIRE=0" and "may skip" in r.stderr
+    assert r.returncode == 0 and ran == "REQUIRE=0 NS=1" and "test_slurm.py may skip" in r.stderr
+    r, ran, log = ci(0, slurm=True, apt=0, env={"MASKCONNECT_REQUIRE_NAMESPACES": "0"})
+    assert r.returncode == 0 and ran == "REQUIRE=1 NS=0" and "mount-namespace tests of tests/test_faults.py may skip" in r.stderr
 
 
 # --- scripts/setup.sh -------------------------------------------------------------------------------

@@ -334,6 +334,61 @@ def test_retry_backs_off_on_locked_database_and_not_on_permanent_errors():
     assert len(calls) == 1
 
 
+class _LockedStore:
+    """A sqlite store that stays locked, on a fake clock: every call waits ``wait`` seconds (MLflow's busy
+    wait) and fails with "database is locked", the one error maskconnect retries; sleeps advance the clock."""
+
+    def __init__(self, wait: float):
+        self.now, self.wait, self.calls = 0.0, wait, 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def client(self, uri):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+        self.calls += 1
+        self.now += self.wait
+        raise MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE)
+
+
+BUDGET_S = 30.0  # docs/run_format.md, "Tracking (MLflow)": each run has one budget of 30 s
+
+
+def test_a_store_that_stays_locked_costs_a_run_its_30_s_budget_and_no_more(tmp_path, monkeypatch):
+    """A run (and ``track init``) gives up on a locked store once the documented 30 s are spent: failed calls
+    and the sleeps between retries count, and a call that starts inside the budget may end past it."""
+    monkeypatch.delenv("MASKCONNECT_TRACKING_BUDGET_S", raising=False)
+    locked = _LockedStore(wait=4.0)
+    monkeypatch.setattr(tracking_store, "time", locked)   # store.retry's clock and sleeps
+    monkeypatch.setattr(tracking_store, "client", locked.client)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # many retries allowed: only the budget can stop them
+    t = Tracker(tmp_path / "run", experiment="maskconnect/test/locked", run_name="r", uri=uri, retries=1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.start({"seed": 0}, {})
+        spent, calls = locked.now, locked.calls
+        for epoch in (1, 2, 3):
+            t.log_epoch({"epoch": epoch, "test_top1": 50.0}, step=epoch)
+        t.finish({"top1": 50.0, "status": "complete"}, [])
+    print(f"locked store: gave up after {calls} calls and {spent:.1f} fake seconds")
+    assert t.failed and calls >= 3                                     # retried, then gave up
+    assert BUDGET_S / 2 <= spent <= BUDGET_S + locked.wait             # the budget, used and not overrun
+    assert locked.calls == calls and locked.now == spent                # nothing more for the rest of the run
+    warned = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
+    assert len(warned) == 1 and "database is locked" in warned[0] and "maskconnect track sync" in warned[0]
+
+    locked.now, locked.calls = 0.0, 0
+    with pytest.raises(tracking_store.MaskConnectError, match="database is locked"):
+        ensure_store(uri, strict=True)                                 # `maskconnect track init`
+    assert locked.calls >= 3 and locked.now <= BUDGET_S + locked.wait
+
+
 @pytest.mark.parametrize("name", ["plain", "John's report"])
 def test_log_report_finds_its_run_again_whatever_the_folder_is_called(tmp_path, store, name):
     """`track log-report` twice on one folder is one MLflow run, also when the folder's name holds a

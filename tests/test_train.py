@@ -58,24 +58,27 @@ def test_issue_digits_learned_run(tmp_path):
     print(f"digits learned K=4, 3 epochs: {elapsed:.1f}s, top1 {m['top1']:.2f}")
 
 
-def test_sigkill_then_rerun_resumes_bit_identical(tmp_path):
+def test_sigkill_then_rerun_resumes_bit_identical(tmp_path, same_threads):
     args = [*TINY, "--connectivity", "learned", "--fan-in", "2", "--recipe", "smoke", "--epochs", "4", "--seed", "5"]  # frozen after epoch 2
     ref = tmp_path / "ref"
-    assert main(["train", *args, "--out", str(ref)]) == 0
+    assert main(["train", *args, "--out", str(ref)]) == 0   # in this process, on same_threads' one thread
 
     out = tmp_path / "killed"
-    # killed right after epoch 2's checkpoint (train()'s kill_after_epoch hook: os._exit, as a SIGKILL)
+    # killed right after epoch 2's checkpoint (train()'s kill_after_epoch hook: os._exit, as a SIGKILL);
+    # it and the rerun run on one thread too, whatever OMP_NUM_THREADS says
     killed = subprocess.run([sys.executable, str(ROOT / "tests" / "train_hooks.py"), "--kill-after", "2", "--", *args,
-                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                             "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, **same_threads})
     assert killed.returncode == 137, killed.stderr[-2000:]
     assert not (out / "metrics.json").exists()
     done = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
     assert done == 2
 
-    rerun = _cli("train", *args, "--out", str(out))
+    rerun = _cli("train", *args, "--out", str(out), env=same_threads)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming after epoch {done}/4" in rerun.stderr
     a, b = json.loads((ref / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
+    assert a["device"] == b["device"] and "1 threads" in a["device"]   # the pin took: "cpu (<processor>, 1 threads)"
     for key in ("top1", "top5", "test_loss", "best_top1", "params_test"):
         assert a[key] == b[key], key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731

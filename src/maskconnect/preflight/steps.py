@@ -26,6 +26,18 @@ wrong gradient moves most entries, which trimming cannot hide.
   rounding them to bf16 once does), averaged over two perturbations; the candidate may differ from
   the plain bf16 step by ``BF16_FACTOR`` times that, plus ``BF16_FLOOR`` for tensors that bf16
   rounding barely moves.
+
+What each catches. The fp32 rows catch a gradient 1% off in any tensor whose bound is ``FP32_TOL`` (all
+of the tests' {11,2,4}; a tensor whose fp32 sensitivity is high, up to 5e-3 in the smoke grid's learned
+{20,4,8}, gets ``FP32_FACTOR`` times that). The bf16 rows catch a gradient error of about ten times what
+bf16 autocast itself does to that tensor, no less: two correct bf16 steps can differ by twice that (each
+rounds its own way), and the sensitivity estimates it only within a factor 0.6 to 1.9 (measured against
+the bf16 step itself), so ``BF16_FACTOR`` cannot be smaller than about 4. On the digits models of the
+CPU grids (8x8 images, batch 8) bf16 moves the median gradient by 15-35% (ReLU and max-pool kinks
+crossed: per unit of u, the sensitivity at 2^-8 is 10-15 times that at 2^-20), which puts most bounds
+between 0.3 and 2 there: a gradient of the wrong sign fails, a 2x error fails in most tensors, a 1.2x
+error passes (0.2 against 0.37 for the last conv3 weight of the tests' {11,2,4}). An error made in every
+precision is the fp32 rows' to catch: the backward code under test is the same.
 """
 
 from __future__ import annotations
