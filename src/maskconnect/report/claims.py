@@ -215,7 +215,8 @@ def claim2(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[
         else:
             verdict = INCONCLUSIVE
             if len(others) < len(wanted) and all(v == REPRODUCED for v in verdicts):
-                whys.append("no " + " or ".join(n for n in wanted if n not in others) + " runs to compare with")
+                whys.append("no " + " or ".join(n.split(" K=")[0] for n in wanted if n not in others)
+                            + " runs to compare with")
         pr = _pc(dataset, model, "random", k)
         pb = _pc(dataset, model, m.baseline, m.base_k)
         pl = _pc(dataset, model, "learned", k) if m.family == "resnext" else None
