@@ -14,7 +14,7 @@ PKG = SRC / "maskconnect"
 
 # README "Layout": each layer may import the layers before it in this list, never one after it.
 LAYERS = [
-    {"errors", "io", "specs", "provenance", "gpu_slot", "slurm"},
+    {"defaults", "errors", "io", "specs", "provenance", "gpu_slot", "slurm"},
     {"connectivity", "mask_rules", "kernels", "data", "tracking"},
     {"models"},
     {"describe", "training"},

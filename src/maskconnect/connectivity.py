@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .defaults import DEFAULT_MASK_INIT
+
 # Probabilities are floored so a row with fewer than K positive entries (all zero, say) still yields K
 # distinct sources. A floored entry is rarely drawn while enough positive entries remain: the Gumbel noise
 # can exceed |log 1e-6| (measured: 15 draws of a zero-valued source in 2,000,000 converged K=2 rows).
@@ -204,7 +206,7 @@ class MaskBank(nn.Module):
     """
 
     def __init__(self, num_masks: int, cardinality: int, fan_in: int, kind: str, *, seed: int = 0,
-                 init: float = 0.5, valid: Tensor | None = None):
+                 init: float = DEFAULT_MASK_INIT, valid: Tensor | None = None):
         super().__init__()
         if kind not in ("random", "learned"):
             raise ValueError(f"MaskBank kind must be 'random' or 'learned', got {kind!r}")

@@ -37,9 +37,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .connectivity import MaskBank, mask_banks
+from .connectivity import MaskBank
+from .defaults import DEFAULT_MASK_RULE, MASK_RULE_NAMES
 
 
 def clip_(real: Tensor) -> Tensor:
@@ -125,8 +126,8 @@ MASK_RULES: dict[str, MaskRule] = {
     "projected": MaskRule("projected", False, True,
                           "project each row onto {m in [0,1]^C : sum m = K}, the hull of the fan-in-K masks"),
 }
-# Decided by measurement (bench/results/masks-*.md, docs/mask_rules.md), not by reading.
-DEFAULT_MASK_RULE = "projected"
+# the names and the default (decided by measurement: docs/mask_rules.md) are maskconnect.defaults'
+assert tuple(MASK_RULES) == MASK_RULE_NAMES and DEFAULT_MASK_RULE in MASK_RULES
 
 
 def mask_rule(name: str) -> MaskRule:
@@ -135,12 +136,3 @@ def mask_rule(name: str) -> MaskRule:
     if name not in MASK_RULES:
         raise ConfigError("mask_rule", name, f"one of {', '.join(MASK_RULES)}")
     return MASK_RULES[name]
-
-
-@torch.no_grad()
-def clip_masks(model: nn.Module) -> None:
-    """Clip every real-valued mask of ``model`` to [0, 1] (the ``clip`` rule's step, frozen banks
-    included; kept for library users)."""
-    for b in mask_banks(model):
-        if b.real is not None:
-            clip_(b.real)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
+from .defaults import DEFAULT_MASK_INIT
 from .errors import ConfigError
 
 MASKED = ("random", "learned")
@@ -34,7 +35,6 @@ DATASET_LAYOUTS = {
     "synthetic": ("cifar", 10, 3, 32),
 }
 
-DEFAULT_MASK_INIT = 0.5   # the real-valued masks' initial value (docs/design.md section 4)
 
 
 class Family:

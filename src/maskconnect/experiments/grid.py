@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..defaults import DEFAULT_GRID, DEFAULT_RECIPE  # noqa: F401 (DEFAULT_GRID: re-exported for the loader)
 from ..errors import ConfigError
 from ..specs import MASKED
 from . import paths
 
 GRIDS_DIR = Path(__file__).parents[1] / "grids"
 SCHEMA_PATH = Path(__file__).parents[1] / "schemas" / "grid.schema.json"
-DEFAULT_GRID = "demo"
 
 # Entry fields and their defaults (schemas/grid.schema.json documents each).
-SETTINGS_DEFAULTS = {"recipe": "demo", "device": "auto", "gpus": 0, "threads": 1, "runtime": None, "mem_mb": None}
+SETTINGS_DEFAULTS = {"recipe": DEFAULT_RECIPE, "device": "auto", "gpus": 0, "threads": 1, "runtime": None, "mem_mb": None}
 
 # Training overrides with their own `maskconnect train` option; any other key goes through --set.
 TRAIN_OPTIONS = {
@@ -45,7 +45,7 @@ class Run:
     connectivity: str
     fan_in: int         # K (C for full, 1 for prev)
     seed: int
-    recipe: str = "demo"
+    recipe: str = DEFAULT_RECIPE
     device: str = "auto"
     gpus: int = 0
     threads: int = 1

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ConfigError
 from ..io import name_problem
-from ..specs import DEFAULT_MASK_INIT, ModelSpec, canonical_arch, make_spec
+from ..defaults import DEFAULT_MASK_INIT, DEFAULT_RECIPE, MASK_RULE_NAMES
+from ..specs import ModelSpec, canonical_arch, make_spec
 from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
@@ -25,8 +26,6 @@ NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_
 # run is the same run with or without --mask-rule clip (a grid's defaults may set mask_lr for every
 # entry, Fixed-Full ones included).
 LEARNED_ONLY = ("mask_lr", "mask_momentum", "mask_init", "mask_rule", "freeze_epoch")
-# The names of mask_rules.MASK_RULES (a test checks they agree; connectivity imports torch).
-MASK_RULE_NAMES = ("clip", "centred", "projected")
 
 
 @dataclass
@@ -37,7 +36,7 @@ class TrainConfig:
     fan_in: int | None = None
     seed: int = 0
     out: str = "results/runs/manual"
-    recipe: str = "demo"
+    recipe: str = DEFAULT_RECIPE
     epochs: int | None = None
     batch_size: int | None = None
     eval_batch_size: int | None = None

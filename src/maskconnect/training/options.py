@@ -28,7 +28,7 @@ def _epochs(v: str) -> list[int]:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``maskconnect train``, the fields of :class:`TrainConfig` that
     :func:`~.config.config_from_args` reads."""
-    from ..specs import DEFAULT_MASK_INIT
+    from ..defaults import DEFAULT_MASK_INIT
     from .schedule import RECIPES
 
     g = p.add_argument_group("model")
