@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -10,7 +11,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_text
 from . import claims, figures, tables
 from .paper import model_label
-from .runs import missing_runs, scan_runs
+from .runs import code_provenance, missing_runs, scan_runs
 
 
 def _slug(*parts) -> str:
@@ -54,7 +55,8 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
     return made
 
 
-def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:
+def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None,
+                 on_warning: Callable[[str], None] | None = None) -> dict[str, Path]:
     """See :func:`maskconnect.report.build_report`."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
@@ -68,7 +70,7 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
 
     names = sorted(runs["grid"].unique()) or [grid or ""]
     multi = len(names) > 1
-    sections, problems, summaries = {}, [], []
+    sections, problems, summaries, code, warnings = {}, [], [], [], []
     for name in names:
         sub = runs[runs["grid"] == name] if len(runs) else runs
         sub_dir = Path(*name.split("/")) if multi and name else Path()
@@ -80,6 +82,12 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
             for p in paths.values():
                 put(p)
             made.append((t, {ext: p.relative_to(out_dir).as_posix() for ext, p in paths.items()}))
+        if len(sub):  # which code made the grid's runs, and each table that mixes commits or has dirty runs
+            code.append(f"- {f'grid `{name}`' if name else 'the runs'}: {code_provenance(sub).describe()}.")
+            for t, _ in made:
+                if t.code is not None and t.code.warning():
+                    warnings.append(f"table `{t.spec.name}`{f' of grid `{name}`' if name else ''} {t.code.warning()}")
+                    code.append(f"- **Warning:** {warnings[-1]}.")
         figs = _figures(sub, out_dir / "figures" / sub_dir, out_dir, problems)
         for _, png in figs:
             for ext in ("png", "pdf"):
@@ -91,6 +99,8 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
     put(atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)))
     text = claims.report_document(source=str(results_dir) + (f" (grid {grid})" if grid else ""),
                                   n_runs=len(runs), grids=sections, skipped=skipped, missing=missing,
-                                  problems=problems)
+                                  problems=problems, code=code)
     put(atomic_write_text(out_dir / "REPORT.md", text))
+    for text in warnings if on_warning is not None else ():
+        on_warning(f"{text.replace('`', '')} (see {out_dir / 'REPORT.md'})")
     return written
