@@ -108,6 +108,7 @@ def test_dvc_stages_declare_recipe_keys_and_code_and_snakemake_gets_the_same_fac
         assert not any("report" in d for d in st["deps"])
     assert "src/maskconnect/report" in stages["report-demo"]["deps"] and "src/maskconnect/report" in stages["aggregate-demo"]["deps"]
     assert not train_code & set(stages["report-demo"]["deps"])
+    assert train_code <= set(G.dvc_stages(G.load_grid("cifar100"))["preflight"]["deps"])  # it proves that code's step
     # the code parts exist (a missing one would make DVC fail and the digest raise)
     for step, parts in provenance.STEP_CODE.items():
         assert all((provenance.PACKAGE_DIR / p).exists() for p in parts), step

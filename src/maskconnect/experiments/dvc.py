@@ -49,7 +49,7 @@ def dvc_stages(grid: Grid) -> dict:
     stages["tracking_init"] = {"cmd": tracking_init_command(), "outs": [{tracking_marker(): dict(nocache)}]}
     preflight = needs_preflight(grid)
     if preflight:  # a failed check (exit 1) stops `dvc repro` before any training stage
-        stages["preflight"] = {"cmd": preflight_command(grid), "deps": [project_path(grid.path)],
+        stages["preflight"] = {"cmd": preflight_command(grid), "deps": [project_path(grid.path)] + code_deps("train"),
                                "outs": [{preflight_record(grid.name): dict(nocache)}]}
     files = {}
     for part in grid.parts:
