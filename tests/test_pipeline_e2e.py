@@ -3,7 +3,8 @@
 The CI grid goes through the same rules and stages as every grid: Snakemake builds everything,
 a second run does nothing, a changed training setting re-runs only what depends on it, a training
 job killed mid-run resumes from its checkpoint, the MLflow UI serves every run, and `dvc repro`
-rebuilds from scratch, then does nothing, then re-runs only the changed run's stages.
+rebuilds from scratch, then does nothing, then re-runs only the changed run's stages, and `dvc exp run
+-S` with a recipe key trains the runs that read it.
 """
 
 from __future__ import annotations
@@ -248,6 +249,33 @@ def test_changed_training_setting_reruns_only_what_depends_on_it(built):
     assert "Nothing to be done" in snakemake(["-n", "--config", f"grid={GRID_FILE}"], root, check=True).stdout
 
 
+def test_recipe_and_report_code_changes_rerun_what_reads_them(built):
+    """On the jobs Snakemake really ran: a changed value of the CI grid's recipe that only learned runs
+    read reruns the learned run's jobs alone; an edit of a report module reruns no training."""
+    root, runs, _ = built
+    recipes = root / "src/maskconnect/recipes.yaml"
+    text = recipes.read_text()
+    smoke = text.index("\nsmoke:")
+    learned = next(r for r in runs if r.connectivity == "learned")
+    try:
+        recipes.write_text(text[:smoke] + text[smoke:].replace("  mask_lr: null\n", "  mask_lr: 0.5\n", 1))
+        dry = snakemake(["-n", "--config", f"grid={GRID_FILE}"], root, check=True).stdout
+        assert job_counts(dry) == {"train": 1, "evaluate": 1, "aggregate": 1, "report": 1, "tracking_sync": 1,
+                                   "tracking_report": 1, "all": 1}, dry[-4000:]
+        assert f"wildcards: grid=ci, run={learned.run_id}" in dry
+    finally:
+        recipes.write_text(text)
+    stats = root / "src/maskconnect/report/stats.py"
+    text = stats.read_text()
+    try:
+        stats.write_text(text.replace('"""', '"""A docstring edit. ', 1))
+        dry = snakemake(["-n", "--config", f"grid={GRID_FILE}"], root, check=True).stdout
+        assert job_counts(dry) == {"aggregate": 1, "report": 1, "tracking_report": 1, "all": 1}, dry[-4000:]
+    finally:
+        stats.write_text(text)
+    assert "Nothing to be done" in snakemake(["-n", "--config", f"grid={GRID_FILE}"], root, check=True).stdout
+
+
 ONE_RUN_GRID = """\
 name: ci
 defaults: {dataset: digits, seeds: [0], recipe: smoke, device: cpu, threads: 1}
@@ -330,6 +358,8 @@ def test_dvc_repro_builds_then_does_nothing_then_only_what_changed(tmp_path):
     assert [r.connectivity for r in runs] == ["full", "learned"]
     run([BIN / "maskconnect", "grid", "dvc", "--grid", GRID_FILE, "--out", "dvc.yaml"], root, check=True)
     stages = set(G.dvc_stages(G.load_grid(str(root / GRID_FILE))))
+    run(["git", "add", "-A"], root, check=True)  # `dvc exp run` (below) runs on a commit
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "checkout"], root, check=True)
 
     first = dvc(["repro"], root, check=True)
     assert _ran_stages(first.stdout) == stages
@@ -357,3 +387,13 @@ def test_dvc_repro_builds_then_does_nothing_then_only_what_changed(tmp_path):
     after = _mtimes(root, runs, "metrics.json")
     assert [rid for rid in before if before[rid] != after[rid]] == [full.run_id]
     assert not _ran_stages(dvc(["repro"], root, check=True).stdout)
+
+    # an experiment with another value of a recipe key (one only learned runs read) trains the learned run again
+    learned = next(r for r in runs if r.connectivity == "learned")
+    exp = dvc(["exp", "run", "-S", "src/maskconnect/recipes.yaml:smoke.mask_lr=0.5"], root, check=True)
+    assert _ran_stages(exp.stdout) == {f"train-{learned.slug}", f"evaluate-{learned.slug}", "aggregate-ci", "report-ci",
+                                       "tracking_sync-ci", "tracking_report-ci"}, exp.stdout[-4000:]
+    assert json.loads((root / learned.run_dir / "config.json").read_text())["mask_lr"] == 0.5
+    assert _mtimes(root, runs, "metrics.json")[full.run_id] == after[full.run_id]
+    diff = dvc(["params", "diff"], root, check=True).stdout
+    assert re.search(r"src/maskconnect/recipes\.yaml\s+smoke\.mask_lr\s+(-|None)\s+0\.5", diff), diff

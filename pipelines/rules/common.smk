@@ -37,6 +37,12 @@ except ConfigError as e:
 RUNS = {(r.grid, r.run_id): r for r in GRID.runs}
 ENV = "../envs/maskconnect.yaml"
 
+# What a job's result depends on beyond its input files, as params (Snakemake reruns a job whose params
+# changed): the code its step runs, by content (a checkout that leaves the files as they were reruns
+# nothing, as mtimes would), and for a training job the digest of its run's resolved config
+# (maskconnect.experiments.inputs; pipelines/README.md, "What each step depends on").
+CODE = {step: G.code_digest(step) for step in ("train", "evaluate", "aggregate", "report")}
+
 
 wildcard_constraints:
     grid="|".join(re.escape(p) for p in GRID.parts),

@@ -11,6 +11,7 @@ rule evaluate:
     params:
         cmd=lambda w: G.evaluate_command(run_of(w)),
         attempts=lambda w: attempts_log("evaluate", w),
+        code=CODE["evaluate"],
     threads: lambda w: run_of(w).threads
     resources:
         gpu=lambda w: min(run_of(w).gpus, 1),

@@ -11,6 +11,7 @@ rule preflight:
         G.preflight_record(GRID.name),
     params:
         cmd=G.preflight_command(GRID),
+        code=CODE["train"],  # it proves the training step of this code
         attempts=G.log_file(GRID.name, "preflight").removesuffix(".log") + ".attempts.log",
     threads: 4
     resources:

@@ -12,6 +12,7 @@ rule aggregate:
         summary=directory(G.summary_dir("{grid}")),
     params:
         cmd=lambda w: G.aggregate_command(GRID, w.grid),
+        code=CODE["aggregate"],
     log:
         G.log_file("{grid}", "aggregate"),
     conda:
@@ -42,6 +43,7 @@ rule report:
         ),
     params:
         cmd=lambda w: G.report_command(w.grid),
+        code=CODE["report"],
     log:
         G.log_file("{grid}", "report"),
     conda:

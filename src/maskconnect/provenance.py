@@ -1,14 +1,17 @@
-"""Where a number was measured: the device, its driver and the software versions, the git commit.
+"""Where a number was measured: the device, its driver and the software versions, the git commit, and
+which code made it.
 
 The one home of these facts: a training run's metrics.json (``versions``, ``run_device``,
-``git_commit``), its MLflow tags, the preflight record and the benchmarks' records
-(bench/common.py) all describe a machine with these functions. torch is imported only inside the
-functions that need it, so ``git_commit`` costs no torch import; nothing here imports mlflow,
-snakemake or dvc.
+``git_commit``, ``git_dirty``, ``code_history``), its MLflow tags, the preflight record and the
+benchmarks' records (bench/common.py) all describe a machine with these functions. ``STEP_CODE`` names
+the code each pipeline step runs; the pipelines depend on it (DVC ``deps:``, a Snakemake param holding
+:func:`code_digest`) and a training run records its digest. torch is imported only inside the functions
+that need it, so ``git_commit`` costs no torch import; nothing here imports mlflow, snakemake or dvc.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -23,6 +26,18 @@ if TYPE_CHECKING:
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
+# The code each pipeline step runs, as parts of this package (a file or a folder): what its result depends
+# on, at the granularity a researcher changes it (pipelines/README.md, "What each step depends on"). The
+# recipes (recipes.yaml) and grids are not code here: a run depends on their values through its resolved
+# config, so a changed value reruns only the runs that read it.
+_MODEL_CODE = ("specs.py", "connectivity.py", "mask_rules.py", "models", "kernels", "data", "training")
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "train": _MODEL_CODE,
+    "evaluate": _MODEL_CODE,
+    "aggregate": ("report",),
+    "report": ("report", "paper"),
+}
+
 
 def git_commit(cwd: Path | str | None = None, timeout: float = 5.0) -> str | None:
     """``git rev-parse HEAD`` in ``cwd`` (default: this package's directory), None if not a repo."""
@@ -34,6 +49,51 @@ def git_commit(cwd: Path | str | None = None, timeout: float = 5.0) -> str | Non
         return None
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else None
+
+
+def git_dirty(cwd: Path | str | None = None, timeout: float = 5.0) -> bool | None:
+    """Whether ``cwd`` (default: this package's source folder) has uncommitted changes, untracked files
+    included (ignored ones not): ``git status --porcelain`` of that folder. None outside a git repository
+    or before its first commit. Only the package counts: results, tables and docs the pipelines write
+    into the checkout do not make a run dirty."""
+    cwd = Path(cwd) if cwd is not None else PACKAGE_DIR
+    if git_commit(cwd, timeout) is None:
+        return None
+    try:  # --no-optional-locks: never take the index lock another git command may hold
+        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "."], cwd=cwd,
+                             capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def code_files(step: str, root: Path | str | None = None) -> list[Path]:
+    """The files of ``STEP_CODE[step]`` under the package folder ``root`` (default: this package), sorted;
+    Python's caches left out."""
+    root = Path(root) if root is not None else PACKAGE_DIR
+    files = []
+    for part in STEP_CODE[step]:
+        path = root / part
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files += [p for p in found if "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    return files
+
+
+def code_digest(step: str, root: Path | str | None = None) -> str:
+    """SHA-256 of the code ``step`` runs (:func:`code_files`): each file's path in the package and its
+    bytes. Content, not times: a checkout or a touch that leaves the files as they were leaves it as it was."""
+    root = Path(root) if root is not None else PACKAGE_DIR
+    h = hashlib.sha256()
+    for path in code_files(step, root):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def code_state(step: str = "train") -> dict:
+    """The code running now, as a run records it: git commit, dirty tree, digest of ``step``'s code."""
+    return {"git_commit": git_commit(), "git_dirty": git_dirty(), "code_digest": code_digest(step)}
 
 
 def cpu_name() -> str:

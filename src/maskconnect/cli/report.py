@@ -7,6 +7,7 @@ jinja2): the GPU box that has torch alone still gets a working ``maskconnect --h
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError, MaskConnectError
@@ -56,6 +57,7 @@ def run_report(args: argparse.Namespace) -> int:
             raise ConfigError("expected", str(args.expected), f"a readable list of run ids ({e})") from e
     check_output_dir(args.out, "--out")  # before the work: an unusable path fails in a second, exit 2
     with one_line_warnings("report"):
-        written = build_report(args.results, args.out, grid=args.grid, expected=expected)
+        written = build_report(args.results, args.out, grid=args.grid, expected=expected,
+                               on_warning=lambda text: print(f"warning: {text}", file=sys.stderr))
     print(f"wrote {len(written)} files under {args.out}; see {Path(args.out) / 'REPORT.md'}")
     return 0

@@ -6,6 +6,7 @@ the command of every pipeline step.
 ``loading``    :func:`load_grid`: read a grid file, validate it (schema, then meaning), expand it
 ``paths``      the name and path of every file: :func:`run_id` and its parser, run directories, markers
 ``commands``   the command of each step (prepare, tracking, preflight, train, evaluate, aggregate, ...)
+``inputs``     what each step's result depends on: a run's resolved config, the recipe keys it reads, code
 ``dvc``        dvc.yaml generated from a grid
 =============  =======================================================================================
 
@@ -22,9 +23,10 @@ from .commands import (aggregate_command, check_pipeline_config, evaluate_comman
                        prepare_command, report_command, tracking_init_command, tracking_report_command,
                        tracking_sync_command, train_command)
 from .dvc import dvc_plots, dvc_stages, dvc_yaml
+from .inputs import code_deps, code_digest, config_digest, recipe_params, recipes_file, run_config
 from .grid import (DEFAULT_GRID, GRIDS_DIR, SCHEMA_PATH, SETTINGS_DEFAULTS, TRAIN_OPTIONS, Grid, Run,
                    available_grids, grid_path, keffect_series)
-from .loading import load_grid
+from .loading import load_grid, train_config
 from .paths import (DATA_DIR, RESULTS, RUN_DIR_PATTERN, RUN_ID_REGEX, RUNS_ROOT, TABLES, benchmark_file,
                     config_metrics_file, config_of, data_marker, expected_file, keffect_file, log_file,
                     metrics_file, parse_run_id, preflight_record, report_marker, run_dir, run_id, summary_dir,
@@ -41,4 +43,5 @@ __all__ = [
     "train_command", "evaluate_command", "aggregate_command", "report_command", "tracking_sync_command",
     "tracking_report_command",
     "dvc_stages", "dvc_plots", "dvc_yaml",
+    "train_config", "run_config", "config_digest", "recipe_params", "recipes_file", "code_deps", "code_digest",
 ]

@@ -14,13 +14,15 @@ from .commands import (aggregate_command, evaluate_command, needs_preflight, pre
                        report_command, tracking_init_command, tracking_report_command, tracking_sync_command,
                        train_command)
 from .grid import DEFAULT_GRID, Grid, Run, keffect_series
+from .inputs import code_deps, project_path, recipe_params, recipes_file
 from .loading import load_grid, read_yaml
 from .paths import (config_metrics_file, config_of, data_marker, expected_file, keffect_file, metrics_file,
                     preflight_record, report_marker, sync_marker, tables_dir, tracking_marker)
 
 
 # Entry fields that change what a run computes (and so its `maskconnect train` command); a DVC train
-# stage declares them as params of the grid file, so `dvc params diff` shows what changed.
+# stage declares them as params of the grid file, and the recipe keys its run reads as params of
+# recipes.yaml (.inputs), so `dvc params diff` shows what changed. Every stage depends on its code.
 RUN_PARAM_KEYS = ("dataset", "arch", "connectivity", "recipe", "device", "gpus", "train")
 DVC_HEADER = """\
 # Generated from the grid {name!r} ({source}) by
@@ -29,14 +31,6 @@ DVC_HEADER = """\
 # equals the generated one. Each stage runs the command of the Snakemake rule of the same name
 # (pipelines/rules/*.smk); stage names are <rule>-<run id with '-' for '/'>.
 """
-
-
-def _project_path(path: Path) -> str:
-    """``path`` relative to the project root (the current directory) if it lies inside, else as is."""
-    try:
-        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
 
 
 def _param_keys(run: Run, data: Mapping) -> list[str]:
@@ -55,7 +49,7 @@ def dvc_stages(grid: Grid) -> dict:
     stages["tracking_init"] = {"cmd": tracking_init_command(), "outs": [{tracking_marker(): dict(nocache)}]}
     preflight = needs_preflight(grid)
     if preflight:  # a failed check (exit 1) stops `dvc repro` before any training stage
-        stages["preflight"] = {"cmd": preflight_command(grid), "deps": [_project_path(grid.path)],
+        stages["preflight"] = {"cmd": preflight_command(grid), "deps": [project_path(grid.path)] + code_deps("train"),
                                "outs": [{preflight_record(grid.name): dict(nocache)}]}
     files = {}
     for part in grid.parts:
@@ -63,11 +57,12 @@ def dvc_stages(grid: Grid) -> dict:
         if runs:
             files[part] = read_yaml(Path(runs[0].source))
         for run in runs:
-            source = _project_path(Path(run.source))
+            source = project_path(Path(run.source))
             stages[f"train-{run.slug}"] = {
                 "cmd": train_command(run),
-                "deps": [data_marker(run.dataset), tracking_marker()] + ([preflight_record(grid.name)] if preflight else []),
-                "params": [{source: _param_keys(run, files[part])}],
+                "deps": ([data_marker(run.dataset), tracking_marker()] + ([preflight_record(grid.name)] if preflight else [])
+                         + code_deps("train")),
+                "params": [{source: _param_keys(run, files[part])}, {recipes_file(): recipe_params(run)}],
                 # persist: a stage that runs again resumes or skips the run (`maskconnect train` decides).
                 # Per-run files are outputs; the grid's compact summary is the metric, and the
                 # top-level plots overlay the runs (dvc_plots)
@@ -77,7 +72,7 @@ def dvc_stages(grid: Grid) -> dict:
         for run in runs:
             stages[f"evaluate-{run.slug}"] = {
                 "cmd": evaluate_command(run),
-                "deps": [f"{run.run_dir}/metrics.json"],
+                "deps": [f"{run.run_dir}/metrics.json"] + code_deps("evaluate"),
                 "outs": [{f"{run.run_dir}/eval.json": dict(nocache)}],
             }
     for part in grid.parts:
@@ -85,14 +80,14 @@ def dvc_stages(grid: Grid) -> dict:
         results = [f"{r.run_dir}/{f}" for r in runs for f in ("metrics.json", "eval.json")]
         stages[f"aggregate-{part}"] = {
             "cmd": aggregate_command(grid, part),
-            "deps": results,
+            "deps": results + code_deps("aggregate"),
             "metrics": [{config_metrics_file(part, c): dict(nocache)}
                         for c in dict.fromkeys(config_of(r.run_id) for r in runs)],
             "outs": [{f: dict(nocache)} for f in (metrics_file(part), expected_file(part), *_keffect_files(part, runs))],
         }
         stages[f"report-{part}"] = {
             "cmd": report_command(part),
-            "deps": [metrics_file(part), expected_file(part)],
+            "deps": [metrics_file(part), expected_file(part)] + code_deps("report"),
             "outs": [{tables_dir(part): dict(nocache)}],
         }
         stages[f"tracking_sync-{part}"] = {
@@ -141,7 +136,7 @@ def dvc_yaml(grid: Grid | str = DEFAULT_GRID) -> str:
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
-    header = DVC_HEADER.format(name=grid.name, source=_project_path(grid.path), ref=grid.ref)
+    header = DVC_HEADER.format(name=grid.name, source=project_path(grid.path), ref=grid.ref)
     body = yaml.safe_dump({"stages": dvc_stages(grid), "plots": dvc_plots(grid)}, sort_keys=False, width=1000,
                           default_flow_style=False)
     return header + body

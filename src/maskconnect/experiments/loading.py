@@ -142,6 +142,14 @@ def _train_parser():
     return parser
 
 
+def train_config(run: "Run"):
+    """The :class:`~maskconnect.training.config.TrainConfig` that the run's job builds: its
+    ``maskconnect train`` command line read by that command's own parser (not resolved yet)."""
+    from ..training.config import config_from_args
+
+    return config_from_args(_train_parser().parse_args([*run.train_args(), "--out", run.run_dir]))
+
+
 def _check_train(where: str, path: Path, run: "Run", overrides: Mapping) -> None:
     """Check a run's ``train:`` overrides as ``maskconnect train`` would, before any job: known keys, the
     command line's types, then every rule of ``TrainConfig.resolved`` (ranges, epochs vs milestones and
@@ -149,7 +157,7 @@ def _check_train(where: str, path: Path, run: "Run", overrides: Mapping) -> None
     import difflib
     from dataclasses import fields
 
-    from ..training.config import TrainConfig, config_from_args
+    from ..training.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     for key, value in overrides.items():
@@ -165,8 +173,7 @@ def _check_train(where: str, path: Path, run: "Run", overrides: Mapping) -> None
                              + ", ".join(sorted(names - set(_ENTRY_KEYS))), path)
     flags = {flag: key for key, flag in TRAIN_OPTIONS.items()}
     try:
-        args = _train_parser().parse_args([*run.train_args(), "--out", run.run_dir])
-        config_from_args(args).resolved()
+        train_config(run).resolved()
     except _ArgumentError as e:
         message = str(e)
         key = next((k for f, k in flags.items() if message.startswith(f"argument {f}:")), None)

@@ -28,17 +28,19 @@ from ..errors import ReportWarning
 __all__ = ["build_report", "read_expected", "ReportWarning"]
 
 
-def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:
+def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None, on_warning=None) -> dict[str, Path]:
     """Build every table, figure and REPORT.md from the runs under ``results_dir``.
 
     ``grid`` restricts the scan to ``<results_dir>/runs/<grid>`` (see runs.scan_runs). ``expected``
     is the grid's target list (run ids such as "cifar100/29-8-8/learned-K4/seed0", or mappings with
     dataset, arch, connectivity, fan_in, seed); runs on it that are not complete are listed in the
-    tables' notes and in REPORT.md. Returns the files written, keyed by path relative to ``out_dir``.
+    tables' notes and in REPORT.md. ``on_warning(text)`` is called for each table whose runs come from
+    several commits or include runs trained from a tree with uncommitted changes (REPORT.md says it too).
+    Returns the files written, keyed by path relative to ``out_dir``.
     """
     from .build import build_report as build
 
-    return build(results_dir, out_dir, grid=grid, expected=expected)
+    return build(results_dir, out_dir, grid=grid, expected=expected, on_warning=on_warning)
 
 
 def read_expected(path) -> list:

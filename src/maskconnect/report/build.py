@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -11,7 +12,7 @@ from ..errors import ReportWarning
 from ..io import atomic_write_text
 from . import claims, figures, tables
 from .paper import model_label
-from .runs import check_results, missing_runs, scan_runs
+from .runs import check_results, code_provenance, missing_runs, scan_runs
 
 
 def _slug(*parts) -> str:
@@ -55,7 +56,8 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
     return made
 
 
-def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None) -> dict[str, Path]:
+def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None,
+                 on_warning: Callable[[str], None] | None = None) -> dict[str, Path]:
     """See :func:`maskconnect.report.build_report`."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     root = check_results(results_dir, grid)
@@ -72,7 +74,7 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
 
     names = sorted(runs["grid"].unique()) or [grid or ""]
     multi = len(names) > 1
-    sections, problems, summaries = {}, [], []
+    sections, problems, summaries, code, code_warnings = {}, [], [], [], []
     for name in names:
         sub = runs[runs["grid"] == name] if len(runs) else runs
         sub_dir = Path(*name.split("/")) if multi and name else Path()
@@ -84,6 +86,12 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
             for p in paths.values():
                 put(p)
             made.append((t, {ext: p.relative_to(out_dir).as_posix() for ext, p in paths.items()}))
+        if len(sub):  # which code made the grid's runs, and each table that mixes commits or has dirty runs
+            code.append(f"- {f'grid `{name}`' if name else 'the runs'}: {code_provenance(sub).describe()}.")
+            for t, _ in made:
+                if t.code is not None and t.code.warning():
+                    code_warnings.append(f"table `{t.spec.name}`{f' of grid `{name}`' if name else ''} {t.code.warning()}")
+                    code.append(f"- **Warning:** {code_warnings[-1]}.")
         figs = _figures(sub, out_dir / "figures" / sub_dir, out_dir, problems)
         for _, png in figs:
             for ext in ("png", "pdf"):
@@ -95,6 +103,8 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
     put(atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)))
     text = claims.report_document(source=str(results_dir) + (f" (grid {grid})" if grid else ""),
                                   n_runs=len(runs), grids=sections, skipped=skipped, missing=missing,
-                                  problems=problems)
+                                  problems=problems, code=code)
     put(atomic_write_text(out_dir / "REPORT.md", text))
+    for text in code_warnings if on_warning is not None else ():
+        on_warning(f"{text.replace('`', '')} (see {out_dir / 'REPORT.md'})")
     return written

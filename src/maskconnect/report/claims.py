@@ -495,13 +495,17 @@ We compare with the table values.
 
 
 def report_document(*, source: str, n_runs: int, grids: dict, skipped: list, missing: pd.DataFrame | None,
-                    problems: list[str]) -> str:
+                    problems: list[str], code: list[str] = ()) -> str:
     """REPORT.md. ``grids`` maps a grid name ("" for none) to a dict with ``runs`` (DataFrame),
-    ``tables`` (list of (Table, {ext: relative path})) and ``figures`` (list of (caption, relative png))."""
+    ``tables`` (list of (Table, {ext: relative path})) and ``figures`` (list of (caption, relative png)).
+    ``code``: Markdown list items naming the commits the runs came from, and warnings (build.py)."""
     lines = ["# MaskConnect reproduction report", "",
              f"Runs from `{source}`: {n_runs} complete, {len(skipped)} left out"
-             + (f", {len(missing)} expected but missing" if missing is not None else "") + ".", "",
-             METHOD]
+             + (f", {len(missing)} expected but missing" if missing is not None else "") + ".", ""]
+    if code:
+        lines += ["Code the runs were trained from (a run resumed under other code counts for each of its commits):",
+                  "", *code, ""]
+    lines.append(METHOD)
     multi = len(grids) > 1
     for name, part in grids.items():
         base = 2

@@ -7,7 +7,7 @@ is the only source the report reads for numbers (history.csv and masks.json feed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -22,11 +22,71 @@ from .paper import model_parts, normalize_model
 RUN_COLUMNS = [
     "grid", "dataset", "arch", "depth", "width", "cardinality", "stage_width", "connectivity", "fan_in", "seed",
     "top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test", "masks",
-    "flops", "epochs", "wall_time_s", "device", "run_id", "path",
+    "flops", "epochs", "wall_time_s", "device", "git_commits", "git_dirty", "run_id", "path",
 ]
 KEY = ["dataset", "arch", "connectivity", "fan_in", "seed"]
 # A run id has RUN_ID_PARTS parts, dataset/arch/connectivity-K/seedN (maskconnect.experiments.run_id);
 # whatever lies above them under the scanned folder is the grid's name.
+
+
+UNKNOWN_COMMIT = "unknown"   # a run whose metrics.json records no commit (no git, or written before the record)
+
+
+def run_code(metrics: Mapping) -> tuple[str, bool | None]:
+    """The commits a run was trained from, in order, space-separated (one, or several for a run resumed
+    under other code: ``code_history``; else ``git_commit``), and whether any of its epochs was trained
+    from a tree with uncommitted changes (None: not recorded)."""
+    history = metrics.get("code_history") or [{"git_commit": metrics.get("git_commit"),
+                                               "git_dirty": metrics.get("git_dirty")}]
+    commits = dict.fromkeys(h.get("git_commit") or UNKNOWN_COMMIT for h in history)
+    dirty = [h.get("git_dirty") for h in history]
+    return " ".join(commits), (True if True in dirty else None if None in dirty else False)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which code trained a set of runs (:func:`code_provenance`). ``commits``: commit -> runs it trained
+    (a run resumed under other code counts for each of its commits)."""
+
+    runs: int
+    commits: dict = field(default_factory=dict)
+    dirty: int = 0          # runs with an epoch trained from a tree with uncommitted changes
+    unrecorded: int = 0     # runs whose tree state was not recorded
+
+    def warning(self) -> str | None:
+        """What a reader of a table must know: several commits, or uncommitted changes; None if neither."""
+        issues = []
+        if len(self.commits) > 1:
+            issues.append(f"mixes runs of {len(self.commits)} commits ({', '.join(short_commit(c) for c in self.commits)})")
+        if self.dirty:
+            issues.append(f"includes {self.dirty} run{'s' if self.dirty != 1 else ''} trained from a tree with "
+                          "uncommitted changes")
+        return " and ".join(issues) or None
+
+    def describe(self) -> str:
+        """The commits with their runs and the tree state, e.g. ``commit 314a9eb904e8 (18 runs); clean tree``."""
+        listed = ", ".join(f"{short_commit(c)} ({n} run{'s' if n != 1 else ''})" for c, n in self.commits.items())
+        state = []
+        if self.dirty:
+            state.append(f"{self.dirty} run{'s' if self.dirty != 1 else ''} with uncommitted changes")
+        if self.unrecorded:
+            state.append(f"tree state not recorded for {self.unrecorded}")
+        return f"commit{'s' if len(self.commits) != 1 else ''} {listed}; " + (", ".join(state) or "clean tree")
+
+
+def short_commit(commit: str) -> str:
+    return commit if commit == UNKNOWN_COMMIT else commit[:12]
+
+
+def code_provenance(runs: pd.DataFrame) -> Provenance:
+    """The :class:`Provenance` of the runs of a table (columns ``git_commits``, ``git_dirty``)."""
+    commits: dict[str, int] = {}
+    for text in runs["git_commits"]:
+        for c in str(text).split():
+            commits[c] = commits.get(c, 0) + 1
+    dirty = runs["git_dirty"]
+    return Provenance(runs=len(runs), commits=dict(sorted(commits.items(), key=lambda kv: (-kv[1], kv[0]))),
+                      dirty=int((dirty == True).sum()), unrecorded=int(dirty.isna().sum()))  # noqa: E712
 
 
 @dataclass(frozen=True)
@@ -81,6 +141,7 @@ def _row(metrics: Mapping, run_dir: Path, root: Path, grid: str | None) -> dict:
     if grid is None:
         grid = "/".join(rel.parts[:-RUN_ID_PARTS]) if len(rel.parts) > RUN_ID_PARTS else ""
     row = {k: metrics.get(k) for k in RUN_COLUMNS}
+    row["git_commits"], row["git_dirty"] = run_code(metrics)
     row.update(grid=grid, dataset=str(metrics["dataset"]), arch=arch, depth=depth, width=width,
                cardinality=card, connectivity=conn, fan_in=int(fan_in), seed=int(metrics["seed"]),
                top1=float(metrics["top1"]), run_id=rel.as_posix(), path=str(run_dir))

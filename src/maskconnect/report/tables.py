@@ -23,7 +23,7 @@ from ..experiments import run_id
 from ..io import atomic_write_text
 from ..specs import FAMILIES, baseline_of, family_of
 from .paper import CONNECTIVITY_NAMES, model_label, normalize_model, paper_configs, paper_stats
-from .runs import KEY
+from .runs import KEY, Provenance, code_provenance
 from .stats import t_interval, welch
 
 GROUP = ["dataset", "arch", "connectivity", "fan_in"]
@@ -103,6 +103,7 @@ class Table:
     bold: pd.DataFrame  # bool, same shape as cells
     blocks: list  # model of each row: a rule separates blocks in LaTeX
     notes: list[str] = field(default_factory=list)
+    code: Provenance | None = None  # which code trained the table's runs (its last note says it)
 
 
 # ---- numbers ----------------------------------------------------------------------------------------
@@ -301,12 +302,14 @@ def _baseline_header(df: pd.DataFrame) -> str:
 
 
 def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame | None = None,
-                exclude: tuple[TableSpec, ...] = ()) -> Table | None:
+                exclude: tuple[TableSpec, ...] = (), runs: pd.DataFrame | None = None) -> Table | None:
     """The table for one spec from :func:`summarize` output, or None if no run belongs in it.
 
     ``missing`` (columns KEY) are expected runs without a complete run; those of this table are
     listed in its notes, as are the paper's rows that no run reproduces. Rows that a table of
     ``exclude`` shows are left out (the generic table of a dataset shows what no paper table does).
+    ``runs`` (the runs summarized) give the table's code provenance: its last note names the commits
+    its runs were trained from and warns when they are several or a tree had uncommitted changes.
     """
     def chosen(df: pd.DataFrame) -> pd.DataFrame:
         keep = spec.selects(df)
@@ -356,8 +359,13 @@ def build_table(summary: pd.DataFrame, spec: TableSpec, *, missing: pd.DataFrame
                     and spec.reference_dataset == spec.dataset else "")
                  + (f" The paper's numbers are {spec.reference_dataset}'s, beside ours for the table's shape: another "
                     "dataset, not a comparison." if spec.reference_dataset != spec.dataset else ""))
+    code = None
+    if runs is not None and not sel.empty:
+        code = code_provenance(chosen(runs))
+        warning = code.warning()
+        notes.append(f"Code: {code.describe()}." + (f" Warning: this table {warning}." if warning else ""))
     data = sel.rename(columns={"arch": "model"})
-    return Table(spec=spec, data=data, cells=cells, bold=bold, blocks=list(sel["arch"]), notes=notes)
+    return Table(spec=spec, data=data, cells=cells, bold=bold, blocks=list(sel["arch"]), notes=notes, code=code)
 
 
 def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
@@ -368,7 +376,7 @@ def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
         summary = summarize(runs)
     tables = []
     for spec in PAPER_TABLES:
-        t = build_table(summary, spec, missing=missing)
+        t = build_table(summary, spec, missing=missing, runs=runs)
         if t is not None:  # rows, or at least the note listing this table's missing runs
             tables.append(t)
     datasets = list(summary["dataset"])
@@ -380,7 +388,7 @@ def build_tables(runs: pd.DataFrame, missing: pd.DataFrame | None = None, *,
             spec = TableSpec(f"table_{ds}_other", f"{ds}: configurations outside the paper's tables", ds)
         else:
             spec = TableSpec(f"table_{ds}", f"{ds} (not a dataset of the paper)", ds)
-        t = build_table(summary, spec, missing=missing, exclude=papers)
+        t = build_table(summary, spec, missing=missing, exclude=papers, runs=runs)
         if t is not None:
             tables.append(t)
     return tables

@@ -12,12 +12,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 from ..errors import ConfigError
-from ..io import name_problem
 from ..defaults import DEFAULT_MASK_INIT, DEFAULT_RECIPE, MASK_RULE_NAMES
+from ..io import name_problem
 from ..specs import ModelSpec, canonical_arch, make_spec
-from .schedule import RECIPES, default_freeze_epoch, recipe_milestones, recipe_value
+from .schedule import RECIPES, default_freeze_epoch, milestones_of, recipe_value
 
 # Fields that do not change what a run computes: they may differ when a run is resumed.
 NON_IDENTITY = {"out", "data_dir", "device", "workers", "experiment", "tracking_uri", "track", "compile", "progress"}
@@ -69,16 +70,34 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill recipe defaults and check every field; returns a new config."""
+        return self._resolve(lambda key, _field: recipe_value(self.recipe, key))
+
+    def recipe_keys(self) -> list[str]:
+        """The keys of its recipe (recipes.yaml) that decide this run: those its resolution reads into a
+        field of its :meth:`identity` (a learned-only key is no key of a Fixed-Full run; a key the run
+        overrides is none either). What a DVC training stage declares as params."""
+        read: list[tuple[str, str]] = []
+
+        def recording(key: str, fld: str):
+            read.append((key, fld))
+            return recipe_value(self.recipe, key)
+
+        identity = self._resolve(recording).identity()
+        return sorted({key for key, fld in read if fld in identity})
+
+    def _resolve(self, recipe: Callable[[str, str], object]) -> TrainConfig:
+        """:meth:`resolved`, reading recipe values through ``recipe(key, field)``: the recipe's ``key``
+        for the config's ``field``."""
         if self.recipe not in RECIPES:
             raise ConfigError("recipe", self.recipe, f"one of {', '.join(RECIPES)}")
-        r = RECIPES[self.recipe]
         c = TrainConfig(**asdict(self))
         c.out = check_out(c.out)
         for name in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "mask_rule", "mask_lr"):
             if getattr(c, name) is None:
-                setattr(c, name, recipe_value(c.recipe, name))
+                setattr(c, name, recipe(name, name))
         if c.lr_reference_batch is None:
-            c.lr_reference_batch = c.batch_size if self.batch_size is None or self.lr is not None else r["batch_size"]
+            c.lr_reference_batch = (c.batch_size if self.batch_size is None or self.lr is not None
+                                    else recipe("batch_size", "lr_reference_batch"))
         if c.eval_batch_size is None:
             c.eval_batch_size = max(c.batch_size, 256)
         _positive("epochs", c.epochs)
@@ -90,7 +109,7 @@ class TrainConfig:
         if c.mask_lr is not None and not _number(c.mask_lr, lo=0.0, open_lo=True):
             raise ConfigError("mask_lr", c.mask_lr, "a positive number (or omitted: the weight LR)")
         if c.milestones is None:
-            c.milestones = recipe_milestones(c.recipe, c.epochs)
+            c.milestones = milestones_of(recipe("milestone_fracs", "milestones"), c.epochs)
         if not isinstance(c.milestones, list) or not all(isinstance(m, int) and not isinstance(m, bool) for m in c.milestones):
             raise ConfigError("milestones", c.milestones, "a list of epochs, e.g. [150, 225]")
         c.milestones = sorted(c.milestones)
@@ -129,7 +148,7 @@ class TrainConfig:
         spec = self.spec(c)  # validates dataset/arch/connectivity/fan_in
         c.arch, c.connectivity, c.fan_in = spec.arch, spec.connectivity, spec.fan_in
         if c.freeze_epoch is None:
-            c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs, recipe_value(c.recipe, "settle_epochs"))
+            c.freeze_epoch = default_freeze_epoch(c.milestones, c.epochs, recipe("settle_epochs", "freeze_epoch"))
         if not (isinstance(c.freeze_epoch, int) and 0 <= c.freeze_epoch <= c.epochs):
             raise ConfigError("freeze_epoch", c.freeze_epoch, f"an epoch in 0..epochs={c.epochs} (masks are learned before it)")
         if c.progress not in ("auto", "bar", "lines", "none"):

@@ -28,6 +28,7 @@ from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks
 from ..errors import MaskConnectError, RunDirError, TrainingDiverged
 from ..mask_rules import mask_rule
 from ..models import build_model
+from ..provenance import code_state
 from ..specs import ModelSpec
 from . import rundir
 from .config import TrainConfig
@@ -55,6 +56,8 @@ class _Run:
     rule: object
     tracker: object
     progress: Progress
+    code: dict | None             # the code running this session (provenance.code_state; rank 0 only)
+    code_history: list[dict]      # which code trained which epochs (rundir.add_code_epoch)
 
     @property
     def learned(self) -> bool:
@@ -96,10 +99,11 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
         device = init_distributed(dist, device)
     # rank 0 locks and inspects (and may move aside) the run directory; every rank follows its verdict
     state = None
+    code = code_state("train") if dist.main else None
     if dist.main:
         try:
             lock.acquire()
-            state = rundir.prepare_run_dir(cfg, replace=replace, lock=lock)
+            state = rundir.prepare_run_dir(cfg, replace=replace, lock=lock, code=code)
         except MaskConnectError as e:
             state = ("error", str(e))
             error = e
@@ -139,8 +143,9 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
     history: list[dict] = []
     best = {"top1": -1.0, "top5": None, "epoch": 0}
     start_epoch, wall = 0, 0.0
+    code_history: list[dict] = []
     if state == "resume":
-        history, best, start_epoch, wall = _resume(out, cfg, model, optimizer, scheduler, dist, device)
+        history, best, start_epoch, wall, code_history = _resume(out, cfg, model, optimizer, scheduler, dist, device)
     else:
         rule.after_step(mask_banks(model))  # start inside the rule's feasible set (projected: on the hull)
         if dist.main:
@@ -148,7 +153,7 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
 
     tracker = _start_tracker(cfg, out, spec, device) if dist.main and cfg.track else None
     run = _Run(cfg, dist, device, out, data, precision, spec, model, optimizer, scheduler, rule, tracker,
-               Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main))
+               Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main), code, code_history)
     try:
         return _epochs(run, history, best, start_epoch, wall, kill_after_epoch)
     except BaseException as e:
@@ -175,11 +180,13 @@ def _epochs(r: _Run, history: list[dict], best: dict, start_epoch: int, wall: fl
             best = {"top1": row["test_top1"], "top5": row["test_top5"], "epoch": epoch + 1}
         elapsed = wall + time.perf_counter() - t_run
         if r.dist.main:
+            r.code_history = rundir.add_code_epoch(r.code_history, r.code, epoch + 1)
             rundir.write_history(r.out, history)  # before the checkpoint; resume rewrites it
             rundir.save_checkpoint(r.out, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": r.optimizer.state_dict(),
                 "scheduler": r.scheduler.state_dict(), "rng": rundir.rng_state(r.device), "history": history,
                 "best": best, "wall_time_s": elapsed, "config": asdict(cfg), "world": r.dist.world,
+                "code_history": r.code_history,
             })
             if r.tracker:
                 r.tracker.log_epoch(row, step=epoch + 1)
@@ -192,7 +199,7 @@ def _epochs(r: _Run, history: list[dict], best: dict, start_epoch: int, wall: fl
     if not r.dist.main:
         cleanup_distributed(r.dist)
         return {}
-    metrics = finish_run(cfg, model, r.spec, history, best, wall, r.device, r.out)
+    metrics = finish_run(cfg, model, r.spec, history, best, wall, r.device, r.out, r.code, r.code_history)
     if r.tracker:
         files = [r.out / n for n in ("metrics.json", "masks.json", "config.json", "history.csv") if (r.out / n).exists()]
         r.tracker.finish(metrics, files)
@@ -231,7 +238,7 @@ def _epoch(r: _Run, step_model, epoch: int) -> dict:
 
 def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Distributed, device: torch.device):
     """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into model, optimiser,
-    scheduler and the RNG; returns (history, best, epoch, wall)."""
+    scheduler and the RNG; returns (history, best, epoch, wall, code history)."""
     # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
     if dist.world > 1:  # every rank resumes from the file rank 0 chose (or stops with its error)
         choice = None
@@ -256,7 +263,9 @@ def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Dist
     if dist.main:
         rundir.write_history(out, ck["history"])  # a kill may have left it one epoch ahead
         print(f"{out}: resuming after epoch {ck['epoch']}/{ck['config']['epochs']}", file=sys.stderr)
-    return ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"]
+    # a checkpoint from before the code history: its epochs' code is unknown
+    unknown = [{"git_commit": None, "git_dirty": None, "code_digest": None, "epochs": [1, ck["epoch"]]}] if ck["epoch"] else []
+    return ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"], ck.get("code_history", unknown)
 
 
 def _batch_text(cfg: TrainConfig, world: int, train_size: int) -> str:
@@ -314,7 +323,7 @@ def freeze(model, cfg: TrainConfig, warn: bool = True) -> int:
 
 
 def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], best: dict, wall: float,
-               device: torch.device, out: Path) -> dict:
+               device: torch.device, out: Path, code: dict, code_history: list[dict]) -> dict:
     """The end of the run: freeze (if the joint phase ran to the end), prune, count parameters and FLOPs,
     and write masks.json, pruned.pt and metrics.json (last: its presence means the run is complete)."""
     from ..models.counting import count_flops
@@ -333,7 +342,8 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
         save_pruned(out / "pruned.pt", compact)
     precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last).describe()
     return rundir.write_metrics(out, cfg, spec, history, best, sizes=sizes, wall=wall, device=device,
-                                precision=precision, mask_fields=_mask_metrics(model, cfg, spec))
+                                precision=precision, mask_fields=_mask_metrics(model, cfg, spec), code=code,
+                                code_history=code_history)
 
 
 def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:

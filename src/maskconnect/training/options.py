@@ -46,7 +46,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe (defaults from --recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES),
                    help="paper: docs/design.md section 6 (CIFAR; paper-imagenet for ImageNet); demo (the default): the demo "
-                        "grid's digits schedule (18 epochs, mask LR 2.0, masks frozen after epoch 10; section 9); smoke: tests")
+                        "grid's digits schedule (section 9); smoke: tests. Their values: maskconnect/recipes.yaml")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int, help="batch per process (global = this x processes)")
     g.add_argument("--lr", type=float, help="LR for --lr-reference-batch images; scaled linearly with the global batch")
@@ -57,9 +57,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=_epochs,
                    help="epochs at which the LR is divided by 10, e.g. 150,225 (default: recipe fractions of --epochs)")
     g.add_argument("--freeze-epoch", dest="freeze_epoch", type=int,
-                   help="epoch after which learned masks are frozen to top-K (default: the first LR drop; demo: one epoch later)")
-    g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks, following the weight LR's drops (default: the recipe's; "
-                        "demo 2.0, the others the weight LR)")
+                   help="epoch after which learned masks are frozen to top-K (default: the first LR drop plus the recipe's settle_epochs)")
+    mask_lrs = ", ".join(f"{name} {'the weight LR' if r['mask_lr'] is None else r['mask_lr']}" for name, r in RECIPES.items())
+    g.add_argument("--mask-lr", dest="mask_lr", type=float, help="LR of the real-valued masks, following the weight LR's drops (default: the recipe's: "
+                        f"{mask_lrs})")
     g.add_argument("--mask-init", dest="mask_init", type=float, help=f"initial value of the real-valued masks (default {DEFAULT_MASK_INIT})")
     g.add_argument("--mask-rule", dest="mask_rule", metavar="NAME",
                    help="how the real-valued masks are updated (default: the recipe's, projected for every recipe): projected (rows projected onto "

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import RunDirError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
-from ..provenance import git_commit, run_device, versions
+from ..provenance import run_device, versions
 from ..specs import MASKED, ModelSpec
 from .config import LEARNED_ONLY, TrainConfig, identity_of
 from .lock import RunLock
@@ -38,7 +38,8 @@ HISTORY_COLUMNS = ["epoch", "phase", "lr", "mask_lr", "train_loss", "train_top1"
 
 # --- what the directory holds --------------------------------------------------------------------
 
-def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | None = None) -> str:
+def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | None = None,
+                    code: dict | None = None) -> str:
     """Check the output directory (under its lock, when given). Returns "new", "resume" or "complete".
 
     A directory holding a different run's config is never overwritten: it is an error, or with
@@ -47,7 +48,11 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
     model, pruned model or masks are unreadable) is an error naming the file, or with ``replace`` it
     is moved aside too. A different run that never finished an epoch (config.json, no checkpoint,
     history or result) is moved aside without ``replace``: there is nothing of it to keep or resume,
-    so a rerun after a bad first try (a batch too large, a diverged first epoch) is not refused.
+    so a rerun after a bad first try (a batch too large, a diverged first epoch) is not refused. With
+    ``replace``, a finished run whose last epochs were trained by other code than ``code``
+    (:func:`~maskconnect.provenance.code_state`: another digest of the training code) is moved aside
+    too: the pipelines rerun a training job when its code changed, and it must then train again. An
+    unfinished run resumes under the new code and records both (``code_history``).
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -90,12 +95,38 @@ def prepare_run_dir(cfg: TrainConfig, replace: bool = False, lock: RunLock | Non
             _move_aside(out, problem, lock)
             return "new"
         raise RunDirError(f"{problem}. Pass --replace to move this run aside and train it again")
+    made_by = trained_by(out) if state == "complete" and code is not None else None
+    if made_by and made_by != code["code_digest"]:
+        why = f"it was trained by other code (training code {made_by[:12]} there, {code['code_digest'][:12]} here)"
+        if replace:
+            _move_aside(out, why, lock)
+            return "new"
+        print(f"note: {out}: {why}; pass --replace to train it again with this code", file=sys.stderr)
     return state
 
 
 def _trained(out: Path) -> bool:
     """Whether ``out`` holds anything a run wrote after its first epoch (a checkpoint, history, a result)."""
     return any((out / name).exists() for name in (CHECKPOINT, PREVIOUS, METRICS, "history.csv", "masks.json", "pruned.pt"))
+
+
+def trained_by(out: Path) -> str | None:
+    """The digest of the training code that trained the last epochs of the finished run in ``out``
+    (metrics.json's ``code_history``), or None when not recorded (runs from before the record)."""
+    try:
+        history = json.loads((out / METRICS).read_text()).get("code_history") or []
+        return history[-1].get("code_digest")
+    except (OSError, ValueError, AttributeError, IndexError, TypeError):
+        return None
+
+
+def add_code_epoch(code_history: list[dict], code: dict, epoch: int) -> list[dict]:
+    """``code_history`` with epoch ``epoch`` (1-based) trained by ``code`` (provenance.code_state): the
+    last entry grows when the same code trained the epoch before, else a new entry starts."""
+    last = code_history[-1] if code_history else None
+    if last is not None and last["epochs"][1] == epoch - 1 and all(last.get(k) == v for k, v in code.items()):
+        return code_history[:-1] + [{**last, "epochs": [last["epochs"][0], epoch]}]
+    return code_history + [{**code, "epochs": [epoch, epoch]}]
 
 
 def _inspect_run(out: Path, cfg: TrainConfig) -> tuple[str, str | None]:
@@ -308,11 +339,14 @@ def read_metrics(out: Path) -> dict:
 
 
 def write_metrics(out: Path, cfg: TrainConfig, spec: ModelSpec, history: list[dict], best: dict, *, sizes: dict,
-                  wall: float, device: torch.device, precision: dict, mask_fields: dict) -> dict:
+                  wall: float, device: torch.device, precision: dict, mask_fields: dict, code: dict,
+                  code_history: list[dict]) -> dict:
     """metrics.json, the run's record, written last (its presence means the run is complete).
 
     ``sizes``: params_train, params_test, masks, branches_test, flops, flops_test; ``precision``: the
-    autocast dtype and memory format; ``mask_fields``: the learned masks' final state (or nothing)."""
+    autocast dtype and memory format; ``mask_fields``: the learned masks' final state (or nothing);
+    ``code``: the code finishing the run (provenance.code_state); ``code_history``: which code trained
+    which epochs (:func:`add_code_epoch`)."""
     last = history[-1]
     metrics = {
         "status": "complete",
@@ -323,7 +357,8 @@ def write_metrics(out: Path, cfg: TrainConfig, spec: ModelSpec, history: list[di
         **{k: sizes[k] for k in ("params_train", "params_test", "masks", "branches_test", "flops", "flops_test")},
         "epochs": cfg.epochs, "wall_time_s": round(wall, 3), "device": run_device(device),
         **precision, **mask_fields,
-        "config": asdict(cfg), "versions": versions(), "git_commit": git_commit(),
+        "config": asdict(cfg), "versions": versions(), "git_commit": code["git_commit"], "git_dirty": code["git_dirty"],
+        "code_history": code_history,
     }
     atomic_write_json(out / METRICS, metrics)
     return metrics

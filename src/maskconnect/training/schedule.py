@@ -3,52 +3,79 @@
 
 A learned run has two phases. In the *joint* phase the weights and the real-valued masks are learned
 together (one mask draw per step). It ends after ``freeze_epoch`` epochs, by default where the LR
-first drops plus the recipe's ``settle_epochs`` (the demo's 1, the others 0): every mask row is then
+first drops plus the recipe's ``settle_epochs``: every mask row is then
 frozen to its top-K entries and the weights are *fine-tuned* with the wiring fixed for the remaining
 epochs. Fixed-Full and Fixed-Random runs have one phase, *fixed*.
 The LR is the recipe's for the recipe's batch, scaled linearly with the global batch, and divided by
 ``gamma`` (10) at each milestone; the real-valued masks follow the same drops from ``mask_lr``
-(default: the recipe's; None, i.e. the weight LR, except the demo's 2.0).
+(default: the recipe's; null there means the weight LR). The recipes' values: ``maskconnect/recipes.yaml``.
 
 Torch-free at import (the grid loader resolves configs with it); :func:`build_optimizer` imports torch.
 """
 
 from __future__ import annotations
 
-# Milestones are fractions of the run's epochs (the paper's 150/225 of 300 are 0.5/0.75), so a
-# shortened run keeps the shape of the schedule; ``--milestones`` sets absolute epochs instead.
-# ``mask_rule`` is how the real-valued masks are updated (mask_rules.MASK_RULES). Every recipe uses
-# ``projected``, chosen by measurement (docs/mask_rules.md); ``--mask-rule clip`` reruns the literal reading.
-# ``mask_lr`` (default None: the weight LR) and ``settle_epochs`` (default 0: the masks are frozen where
-# the LR first drops; n: n joint epochs later, at the lower LR) are the mask schedule.
-RECIPES: dict[str, dict] = {
-    # CIFAR: the paper's protocol (docs/design.md section 6).
-    "paper": dict(epochs=300, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, milestone_fracs=[0.5, 0.75], mask_rule="projected"),
-    # ImageNet: the ResNeXt recipe (fb.resnet.torch): batch 256, LR 0.1 divided by 10 three times.
-    # The paper gives no epoch count; we use 100 with drops at 30/60/90 (our choice).
-    "paper-imagenet": dict(epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4, milestone_fracs=[0.3, 0.6, 0.9], mask_rule="projected"),
-    # The default recipe and the demo grid's (digits, 2-core CPU, a few seconds an epoch): 18 epochs, a
-    # mask LR of 2.0, masks frozen one epoch after the first drop (after epoch 10). docs/design.md
-    # section 9 gives why, with the measurements.
-    "demo": dict(epochs=18, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4, milestone_fracs=[0.5, 0.75], mask_rule="projected",
-                 mask_lr=2.0, settle_epochs=1),
-    # Tests and CI smoke runs.
-    "smoke": dict(epochs=2, batch_size=64, lr=0.1, momentum=0.9, weight_decay=5e-4, milestone_fracs=[0.5, 0.75], mask_rule="projected"),
-}
+from pathlib import Path
+
+# The recipes' values live in one file, maskconnect/recipes.yaml (package data), so that DVC can read them
+# as params of the stages that use them; this module loads it. Each recipe sets every key of RECIPE_KEYS
+# (the file's header says what each means).
+RECIPES_PATH = Path(__file__).parents[1] / "recipes.yaml"
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestone_fracs", "mask_rule", "mask_lr",
+               "settle_epochs")
+
+
+def load_recipes(path: Path = RECIPES_PATH) -> dict[str, dict]:
+    """The recipes of ``path``: name -> {key: value}, every key of RECIPE_KEYS present and no other."""
+    import yaml
+
+    from ..errors import ConfigError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError("recipes", str(path), f"a readable YAML file of recipes ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError("recipes", str(path), "a YAML mapping of recipe names to their settings")
+    for name, recipe in data.items():
+        keys = set(recipe) if isinstance(recipe, dict) else set()
+        if keys != set(RECIPE_KEYS):
+            raise ConfigError(f"recipes.{name}", recipe, f"every key of {', '.join(RECIPE_KEYS)} and no other "
+                                                         f"(missing: {sorted(set(RECIPE_KEYS) - keys) or 'none'}; "
+                                                         f"unknown: {sorted(keys - set(RECIPE_KEYS)) or 'none'}) in {path}")
+        # the other keys are checked where a run resolves them (TrainConfig.resolved); these two only here
+        fracs, settle = recipe["milestone_fracs"], recipe["settle_epochs"]
+        if not (isinstance(fracs, list) and all(_number(f) and 0 < f < 1 for f in fracs)):
+            raise ConfigError(f"recipes.{name}.milestone_fracs", fracs, f"a list of fractions of the run in (0, 1) ({path})")
+        if not (isinstance(settle, int) and not isinstance(settle, bool) and settle >= 0):
+            raise ConfigError(f"recipes.{name}.settle_epochs", settle, f"an integer >= 0 ({path})")
+    return data
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+RECIPES: dict[str, dict] = load_recipes()
 
 JOINT, FINETUNE, FIXED = "joint", "finetune", "fixed"   # history.csv's phases
 
 
-def recipe_milestones(recipe: str, epochs: int) -> list[int]:
-    """The LR drops of ``recipe`` for a run of ``epochs``: its fractions of the run, rounded (Python
-    rounds halves to even: 0.75 x 18 = 13.5 -> 14), the drops at or after the last epoch left out."""
-    drops = {max(1, round(f * epochs)) for f in RECIPES[recipe]["milestone_fracs"]}
+def milestones_of(fracs: list[float], epochs: int) -> list[int]:
+    """The LR drops at ``fracs`` of a run of ``epochs``, rounded (Python rounds halves to even:
+    0.75 x 18 = 13.5 -> 14), the drops at or after the last epoch left out."""
+    drops = {max(1, round(f * epochs)) for f in fracs}
     return sorted(m for m in drops if m < epochs)
 
 
+def recipe_milestones(recipe: str, epochs: int) -> list[int]:
+    """The LR drops of ``recipe`` for a run of ``epochs`` (:func:`milestones_of` its fractions)."""
+    return milestones_of(RECIPES[recipe]["milestone_fracs"], epochs)
+
+
 def recipe_value(recipe: str, name: str):
-    """A recipe's setting, with the mask schedule's defaults (``mask_lr`` None, ``settle_epochs`` 0)."""
-    return RECIPES[recipe].get(name, {"mask_lr": None, "settle_epochs": 0}.get(name))
+    """A recipe's setting (recipes.yaml)."""
+    return RECIPES[recipe][name]
 
 
 def default_freeze_epoch(milestones: list[int], epochs: int, settle_epochs: int = 0) -> int:
