@@ -849,18 +849,22 @@ def test_report_out_on_a_read_only_mount_is_refused_first(learned_k1, tmp_path):
 
 
 def test_snakemake_config_errors_are_one_line_naming_key_value_and_what_is_allowed(tmp_path):
+    from maskconnect.experiments import available_grids
     from test_pipeline import fresh_checkout, snakemake
 
     checkout = fresh_checkout(tmp_path / "checkout")
     for config, words in ((["gird=demo"], "invalid gird='demo': not a key of the pipeline's configuration (did you mean 'grid'?); the keys are grid, preflight"),
                           (["preflight=maybe"], "invalid preflight='maybe': auto (the default, for grids whose runs go to a GPU), true or false"),
-                          (["grid="], "invalid grid='': a packaged grid name (demo, smoke, cifar100, cifar10, imagenet, paper) or the path of a grid file")):
+                          (["grid="], "invalid grid='': a packaged grid name (")):
         proc = snakemake(["-n", "--config", *config], checkout)
         assert proc.returncode == 2, proc.stdout[-3000:]
         errors = [line for line in proc.stdout.splitlines() if "error" in line.lower()]
         assert errors == [line for line in errors if line.startswith("maskconnect pipeline: error: ")] and len(errors) == 1, proc.stdout
         assert words in errors[0], proc.stdout
         assert "Traceback" not in proc.stdout and "Failed validating" not in proc.stdout and "Job stats" not in proc.stdout
+        if config == ["grid="]:  # what is allowed: every packaged grid, no other, or a grid file
+            named = errors[0].split("a packaged grid name (", 1)[1].split(")", 1)[0].split(", ")
+            assert sorted(named) == available_grids() and "or the path of a grid file" in errors[0]
 
 
 # ---- 8. CI cannot skip the mount-namespace tests -------------------------------------------------------

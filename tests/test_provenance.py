@@ -129,8 +129,9 @@ def test_a_run_resumed_under_other_code_records_both_and_is_retrained_when_its_c
     assert (m["git_commit"], m["git_dirty"]) == (commit_b, False)
 
     report, _, err = _report(repo / "results", tmp_path / "tables", capsys)  # the report reads metrics.json alone
-    assert f"mixes runs of 2 commits ({commit_a[:12]}, {commit_b[:12]})" in err
-    assert f"- **Warning:** table `table_digits` of grid `g` mixes runs of 2 commits ({commit_a[:12]}, {commit_b[:12]})" in report
+    both = ", ".join(c[:12] for c in sorted((commit_a, commit_b)))   # as many runs each: listed by hash
+    assert f"mixes runs of 2 commits ({both})" in err
+    assert f"- **Warning:** table `table_digits` of grid `g` mixes runs of 2 commits ({both})" in report
 
     # the training code changes (uncommitted): the finished run was made by other code
     _append(repo / "src/maskconnect/models/resnext.py", "# uncommitted\n")

@@ -3,7 +3,7 @@
     python tests/train_hooks.py [--kill-after N] [--record DIR] -- <maskconnect train arguments>
 
 ``--kill-after N``: the process exits abruptly (exit code 137, no cleanup) right after epoch N's
-checkpoint, through train()'s ``kill_after_epoch`` hook: a deterministic stand-in for a SIGKILL.
+checkpoint, through a callback of train() (:class:`KillAfter`): a deterministic stand-in for a SIGKILL.
 
 ``--record DIR``: after every training step, each rank appends one JSON line to DIR/rank<R>.jsonl:
 the masks drawn for that step (``MaskBank.last_sample``; null once frozen), a digest of the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,20 @@ def _sync_before_kill(epoch: int) -> None:
     Progress.end_epoch = end_epoch_then_sync
 
 
+class KillAfter:
+    """A train() callback: exit abruptly (os._exit, as a SIGKILL would) after epoch ``epoch``'s checkpoint."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def epoch_end(self, row: dict) -> None:
+        if row["epoch"] == self.epoch:
+            os._exit(137)
+
+    def run_end(self, metrics, files, error) -> None:
+        pass
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser()
@@ -80,7 +95,8 @@ def main(argv: list[str]) -> int:
     from maskconnect.training import config_from_args, train
 
     args = build_parser().parse_args(["train", *argv[split + 1:]])
-    train(config_from_args(args), replace=args.replace, kill_after_epoch=ours.kill_after)
+    callbacks = [KillAfter(ours.kill_after)] if ours.kill_after is not None else []
+    train(config_from_args(args), replace=args.replace, callbacks=callbacks)
     return 0
 
 

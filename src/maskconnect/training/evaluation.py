@@ -59,7 +59,7 @@ def evaluate_run(run: Path, *, data_dir: str | None = None, device: str = "auto"
                           f"({str(e).splitlines()[0]})") from None
     pruned_from = "pruned.pt"
     if compact is None and mask_banks(model):
-        if not masks_frozen(model):  # the joint phase ran to the end: finish_run froze them, from the seed
+        if not masks_frozen(model):  # the joint phase ran to the end: the run's last pass froze them, from the seed
             freeze_masks(model, seed=cfg.seed)
         compact = prune(model).eval()
         pruned_from = "checkpoint.pt (rebuilt: pruned.pt is missing)"

@@ -4,129 +4,88 @@
                  each step drawing K sources per branch from the masks (Fixed runs: the whole run)
     freeze       every mask row fixed to its top-K entries (exact ties drawn from the run's seed)
     fine-tune    the remaining epochs: the weights adapt to the fixed wiring
-    finish       prune the branches no live branch reads, count FLOPs, write masks.json, pruned.pt
-                 and, last, metrics.json
+    finish       prune what no live part reads, count FLOPs, write masks.json, pruned.pt and, last,
+                 metrics.json
 
-Every epoch ends with an evaluation, a history.csv row and a checkpoint (:mod:`.rundir`). Re-running
-the same command resumes from the last checkpoint; on the CPU the resumed run ends bit-identical to an
-uninterrupted one, because every source of randomness is either a pure function of (seed, epoch)
-(data order and augmentation) or saved in the checkpoint (the torch RNG that draws the masks).
+:func:`train` reads like that (torchvision's references/classification/train.py is the shape):
+:func:`train_one_epoch` and :func:`~.step.evaluate` per epoch, the freeze where the joint phase ends,
+:func:`finish_run` at the end. Every epoch ends with a history.csv row and a checkpoint
+(:mod:`.rundir`), then the run's callbacks (tracking is one: :class:`TrackingCallback`). The run
+directory's lock and its verdict (new, resume, complete) are :class:`~.rundir.RunDirectory`'s.
+Re-running the same command resumes from the last checkpoint; on the CPU the resumed run ends
+bit-identical to an uninterrupted one, because every source of randomness is either a pure function
+of (seed, epoch) (data order and augmentation) or saved in the checkpoint (the torch RNG that draws the
+masks).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 
 from ..connectivity import changed_rows, current_masks, freeze_masks, mask_banks, masks_frozen
-from ..errors import MaskConnectError, RunDirError, TrainingDiverged
-from ..mask_rules import mask_rule
+from ..errors import TrainingDiverged
+from ..mask_rules import MaskRule, mask_rule
 from ..models import build_model
-from ..provenance import code_state
 from ..specs import ModelSpec
 from . import rundir
+from .rundir import State
 from .config import TrainConfig
-from .ddp import Distributed, cleanup_distributed, epoch_means, from_main, init_distributed, wrap_ddp
+from .ddp import Distributed, cleanup_distributed, epoch_means, init_distributed, wrap_ddp
 from .device import resolve_device, tune_cpu_allocator
-from .lock import RunLock
 from .progress import Progress
 from .schedule import build_optimizer, joint_phase_over, phase, scaled_lr
 from .step import Precision, evaluate, train_step
 
 
-@dataclass
-class _Run:
-    """What every epoch of one run works with."""
-    cfg: TrainConfig
-    dist: Distributed
-    device: torch.device
-    out: Path
-    data: object
-    precision: Precision
-    spec: ModelSpec
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    rule: object
-    tracker: object
-    progress: Progress
-    code: dict | None             # the code running this session (provenance.code_state; rank 0 only)
-    code_history: list[dict]      # which code trained which epochs (rundir.add_code_epoch)
+class Callback(Protocol):
+    """Called on every rank after each epoch's checkpoint (rank 0 writes it), and once when the run ends
+    (``error`` None when it completed; ``metrics`` None when it did not, and {} on the other ranks)."""
 
-    @property
-    def learned(self) -> bool:
-        return self.spec.connectivity == "learned"
+    def epoch_end(self, row: dict) -> None: ...
 
-    def step_model(self):
-        """The model as the step runs it (DDP, compiled); built again after freezing the masks."""
-        model = wrap_ddp(self.model, self.dist, self.device)
-        return torch.compile(model) if self.cfg.compile else model
+    def run_end(self, metrics: dict | None, files: list[Path], error: BaseException | None) -> None: ...
 
 
-def train(cfg: TrainConfig, *, replace: bool = False, kill_after_epoch: int | None = None) -> dict:
+def train(cfg: TrainConfig, *, replace: bool = False, callbacks: Sequence[Callback] = ()) -> dict:
     """Train (or resume, or skip if complete) the run ``cfg`` describes; returns its metrics.
 
-    The run directory is locked (:class:`~maskconnect.training.lock.RunLock`, rank 0 under torchrun)
-    from before its files are inspected until the run ends: a second command on it exits 2 naming this one.
-
-    ``kill_after_epoch`` exists for tests of resumption: the process exits abruptly (``os._exit``)
-    right after that epoch's checkpoint, as a SIGKILL would.
+    The run directory is locked (rank 0 under torchrun) from before its files are inspected until the
+    run ends: a second command on it exits 2 naming this one. ``callbacks`` run after each epoch's
+    checkpoint and at the end (:class:`Callback`); tracking (MLflow) is one more on rank 0 when ``cfg.track``.
     """
     ignored = cfg.ignored_fields()
     cfg = cfg.resolved()
     dist = Distributed.from_env()
-    lock = RunLock(cfg.out) if dist.main else None
-    try:
-        return _train(cfg, dist, lock, replace=replace, kill_after_epoch=kill_after_epoch, ignored=ignored)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace: bool,
-           kill_after_epoch: int | None, ignored: list[str]) -> dict:
-    out = Path(cfg.out)
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
     if dist.world > 1:
         device = init_distributed(dist, device)
-    # rank 0 locks and inspects (and may move aside) the run directory; every rank follows its verdict
-    state = None
-    code = code_state("train") if dist.main else None
-    if dist.main:
-        try:
-            lock.acquire()
-            state = rundir.prepare_run_dir(cfg, replace=replace, lock=lock, code=code)
-        except MaskConnectError as e:
-            state = ("error", str(e))
-            error = e
-    state = from_main(dist, state)
-    if isinstance(state, tuple):
+    try:
+        with rundir.RunDirectory(cfg, dist, replace=replace) as run_dir:
+            if ignored and dist.main:
+                print(f"note: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in ignored)} only affect learned runs: "
+                      f"ignored for this {cfg.connectivity} run (not part of its identity)", file=sys.stderr)
+            if run_dir.state == "complete":
+                return run_dir.complete_metrics()
+            return _train(cfg, dist, device, run_dir, list(callbacks))
+    finally:
         cleanup_distributed(dist)
-        if dist.main:
-            raise error
-        raise RunDirError(state[1])
-    if ignored and dist.main:
-        print(f"note: {', '.join(f'{k}={getattr(cfg, k)!r}' for k in ignored)} only affect learned runs: ignored for this "
-              f"{cfg.connectivity} run (not part of its identity)", file=sys.stderr)
-    if state == "complete":
-        metrics = rundir.read_metrics(out)
-        if dist.main:
-            print(f"{out}: already complete (top-1 {metrics['top1']:.2f}); nothing to do", file=sys.stderr)
-        cleanup_distributed(dist)
-        return metrics if dist.main else {}
 
-    precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last)
 
+def _train(cfg: TrainConfig, dist: Distributed, device: torch.device, run_dir: "rundir.RunDirectory",
+           callbacks: list[Callback]) -> dict:
     from ..data import build_data
 
+    out = Path(cfg.out)
+    precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last)
     data = build_data(cfg.dataset, data_dir=cfg.data_dir, batch_size=cfg.batch_size * dist.world,
                       eval_batch_size=cfg.eval_batch_size, device=device, seed=cfg.seed, augment=cfg.augment,
                       workers=cfg.workers, synthetic=cfg.synthetic or None)
@@ -134,138 +93,88 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
     if cfg.batch_size * dist.world > data.train_size and dist.main:
         print(f"warning: {_batch_text(cfg, dist.world, data.train_size)}", file=sys.stderr, flush=True)
     spec = TrainConfig.spec(cfg, num_classes=data.info.num_classes)
+    learned = spec.connectivity == "learned"
 
     torch.manual_seed(cfg.seed)  # initial weights (and, later, the mask draws) come from the seed
     model = precision.prepare_model(build_model(spec))
     optimizer, scheduler = build_optimizer(cfg, model, dist.world)
     rule = mask_rule(cfg.mask_rule)
-
-    history: list[dict] = []
-    best = {"top1": -1.0, "top5": None, "epoch": 0}
-    start_epoch, wall = 0, 0.0
-    code_history: list[dict] = []
-    if state == "resume":
-        history, best, start_epoch, wall, code_history = _resume(out, cfg, model, optimizer, scheduler, dist, device)
+    if run_dir.state == "resume":
+        state = run_dir.resume(model, optimizer, scheduler, device)
     else:
+        state = State()
         rule.after_step(mask_banks(model))  # start inside the rule's feasible set (projected: on the hull)
-        if dist.main:
-            rundir.write_config(out, cfg)
+        run_dir.start()
+    if dist.main and cfg.track:
+        callbacks.append(TrackingCallback.start(cfg, out, spec, device))
+    progress = Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main)
 
-    tracker = _start_tracker(cfg, out, spec, device) if dist.main and cfg.track else None
-    run = _Run(cfg, dist, device, out, data, precision, spec, model, optimizer, scheduler, rule, tracker,
-               Progress(cfg.progress, cfg.epochs, data.steps_per_epoch(), enabled=dist.main), code, code_history)
+    def step_model():  # the model as the steps run it (DDP, compiled): made again after the freeze
+        m = wrap_ddp(model, dist, device)
+        return torch.compile(m) if cfg.compile else m
+
     try:
-        return _epochs(run, history, best, start_epoch, wall, kill_after_epoch)
+        runner, t_run, start = step_model(), time.perf_counter(), state.epoch
+        for epoch in range(start, cfg.epochs + 1):   # the pass after the last epoch only ends the joint phase
+            if learned and joint_phase_over(epoch, cfg.freeze_epoch) and not masks_frozen(model):
+                freeze(model, cfg, warn=dist.main)   # masks fixed to top-K; the weights are fine-tuned
+                if epoch < cfg.epochs:
+                    runner = step_model()
+            if epoch == cfg.epochs:
+                break
+            t0 = time.perf_counter()
+            progress.start_epoch(epoch + 1)
+            row = train_one_epoch(runner, model, optimizer, scheduler, rule, data, precision, cfg, dist, device,
+                                  epoch, progress)
+            row["epoch_time_s"] = time.perf_counter() - t0
+            state.record(row)
+            if dist.main:
+                state.code_history = rundir.add_code_epoch(state.code_history, run_dir.code, epoch + 1)
+                run_dir.checkpoint(state, model, optimizer, scheduler, device, wall=state.wall + time.perf_counter() - t_run)
+            progress.end_epoch(row, eta_s=(time.perf_counter() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1))
+            for cb in callbacks:
+                cb.epoch_end(row)
+        state.wall += time.perf_counter() - t_run
+        metrics = finish_run(cfg, model, spec, state, device, out, run_dir.code) if dist.main else {}
     except BaseException as e:
-        if tracker:  # the MLflow run is not left RUNNING
-            tracker.finish({}, [], status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        cleanup_distributed(dist)
+        for cb in callbacks:   # e.g. the MLflow run is not left RUNNING
+            cb.run_end(None, [], e)
         raise
-
-
-def _epochs(r: _Run, history: list[dict], best: dict, start_epoch: int, wall: float, kill_after_epoch: int | None) -> dict:
-    """The epochs (joint phase, freeze, fine-tune) and the end of the run; see :func:`train`."""
-    cfg, model = r.cfg, r.model
-    step_model = r.step_model()
-    t_run = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        if r.learned and joint_phase_over(epoch, cfg.freeze_epoch) and not masks_frozen(model):
-            freeze(model, cfg, warn=r.dist.main)  # the joint phase ends: masks fixed to top-K, weights fine-tuned
-            step_model = r.step_model()
-        row = _epoch(r, step_model, epoch)
-        row["epoch_time_s"] = time.perf_counter() - t0
-        history.append(row)
-        if row["test_top1"] > best["top1"]:
-            best = {"top1": row["test_top1"], "top5": row["test_top5"], "epoch": epoch + 1}
-        elapsed = wall + time.perf_counter() - t_run
-        if r.dist.main:
-            r.code_history = rundir.add_code_epoch(r.code_history, r.code, epoch + 1)
-            rundir.write_history(r.out, history)  # before the checkpoint; resume rewrites it
-            rundir.save_checkpoint(r.out, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": r.optimizer.state_dict(),
-                "scheduler": r.scheduler.state_dict(), "rng": rundir.rng_state(r.device), "history": history,
-                "best": best, "wall_time_s": elapsed, "config": asdict(cfg), "world": r.dist.world,
-                "code_history": r.code_history,
-            })
-            if r.tracker:
-                r.tracker.log_epoch(row, step=epoch + 1)
-        done = epoch + 1 - start_epoch
-        r.progress.end_epoch(row, eta_s=(time.perf_counter() - t_run) / done * (cfg.epochs - epoch - 1))
-        if kill_after_epoch is not None and epoch + 1 == kill_after_epoch:
-            os._exit(137)
-
-    wall += time.perf_counter() - t_run
-    if not r.dist.main:
-        cleanup_distributed(r.dist)
-        return {}
-    metrics = finish_run(cfg, model, r.spec, history, best, wall, r.device, r.out, r.code, r.code_history)
-    if r.tracker:
-        files = [r.out / n for n in ("metrics.json", "masks.json", "config.json", "history.csv") if (r.out / n).exists()]
-        r.tracker.finish(metrics, files)
-    cleanup_distributed(r.dist)
+    for cb in callbacks:
+        cb.run_end(metrics, [out / n for n in ("metrics.json", "masks.json", "config.json", "history.csv")
+                             if (out / n).exists()], None)
     return metrics
 
 
-def _epoch(r: _Run, step_model, epoch: int) -> dict:
-    """One epoch of steps, the LR schedule's step and the evaluation: its history row (without its time)."""
-    model = r.model
-    frozen_phase = phase(r.learned, masks_frozen(model))
-    before = current_masks(model) if r.learned else None
+def train_one_epoch(runner, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, rule: MaskRule,
+                    data, precision: Precision, cfg: TrainConfig, dist: Distributed, device: torch.device,
+                    epoch: int, progress: Progress) -> dict:
+    """One epoch (0-based ``epoch``) of training steps, the LR schedule's step and the evaluation: its
+    history row (without its time). ``runner`` is the model as the steps run it (DDP, compiled)."""
+    learned = any(b.kind == "learned" for b in mask_banks(model))
+    phase_name = phase(learned, masks_frozen(model))
+    before = current_masks(model) if learned else None
     banks = [b for b in mask_banks(model) if not b.frozen]  # what the rule updates
     model.train()
-    loss_sum = torch.zeros((), device=r.device)
-    correct = torch.zeros((), dtype=torch.long, device=r.device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    r.progress.start_epoch(epoch + 1)
-    for x, y in r.data.train_batches(epoch):
-        loss, c = train_step(step_model, r.optimizer, r.precision.prepare_input(x), y, r.precision,
-                             label_smoothing=r.cfg.label_smoothing, banks=banks, rule=r.rule)
+    for x, y in data.train_batches(epoch):
+        loss, c = train_step(runner, optimizer, precision.prepare_input(x), y, precision,
+                             label_smoothing=cfg.label_smoothing, banks=banks, rule=rule)
         loss_sum += loss * y.shape[0]
         correct += c
         seen += y.shape[0]
-        r.progress.step()
-    lrs = {g["name"]: g["lr"] for g in r.optimizer.param_groups}
-    r.scheduler.step()
-    train_loss, train_top1 = epoch_means(loss_sum, correct, seen, r.dist, r.device)
+        progress.step()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    scheduler.step()
+    train_loss, train_top1 = epoch_means(loss_sum, correct, seen, dist, device)
     # the test loss too: the epoch's last step may have broken the weights after the last train loss
-    ev = evaluate(model, r.data.test_batches(), r.precision, r.data.info.num_classes) if math.isfinite(train_loss) else None
+    ev = evaluate(model, data.test_batches(), precision, data.info.num_classes) if math.isfinite(train_loss) else None
     if ev is None or not math.isfinite(ev["test_loss"]):
-        raise _diverged(train_loss, ev, epoch, r.out, _lr_text(r.cfg, r.dist.world, r.data.train_size))
-    return {"epoch": epoch + 1, "phase": frozen_phase, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
+        raise _diverged(train_loss, ev, epoch, Path(cfg.out), _lr_text(cfg, dist.world, data.train_size))
+    return {"epoch": epoch + 1, "phase": phase_name, "lr": lrs["weights"], "mask_lr": lrs.get("masks"),
             "train_loss": train_loss, "train_top1": train_top1, **ev, **_mask_columns(model, before)}
-
-
-def _resume(out: Path, cfg: TrainConfig, model, optimizer, scheduler, dist: Distributed, device: torch.device):
-    """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into model, optimiser,
-    scheduler and the RNG; returns (history, best, epoch, wall, code history)."""
-    # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
-    if dist.world > 1:  # every rank resumes from the file rank 0 chose (or stops with its error)
-        choice = None
-        if dist.main:
-            try:
-                choice = str(rundir.load_checkpoint(out, cfg)[1])
-            except RunDirError as e:
-                choice = e
-        choice = from_main(dist, choice)
-        if isinstance(choice, RunDirError):
-            raise RunDirError(str(choice))
-        ck = torch.load(choice, map_location="cpu", weights_only=True)
-    else:
-        ck = rundir.load_checkpoint(out, cfg)[0]
-    if ck.get("world", 1) != dist.world:
-        raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
-                          "the global batch and LR would change; resume with the same number of processes")
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    rundir.set_rng_state(ck["rng"], device)
-    if dist.main:
-        rundir.write_history(out, ck["history"])  # a kill may have left it one epoch ahead
-        print(f"{out}: resuming after epoch {ck['epoch']}/{ck['config']['epochs']}", file=sys.stderr)
-    # a checkpoint from before the code history: its epochs' code is unknown
-    unknown = [{"git_commit": None, "git_dirty": None, "code_digest": None, "epochs": [1, ck["epoch"]]}] if ck["epoch"] else []
-    return ck["history"], ck["best"], ck["epoch"], ck["wall_time_s"], ck.get("code_history", unknown)
 
 
 def _batch_text(cfg: TrainConfig, world: int, train_size: int) -> str:
@@ -322,16 +231,14 @@ def freeze(model, cfg: TrainConfig, warn: bool = True) -> int:
     return ties
 
 
-def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], best: dict, wall: float,
-               device: torch.device, out: Path, code: dict, code_history: list[dict]) -> dict:
-    """The end of the run: freeze (if the joint phase ran to the end), prune, count parameters and FLOPs,
-    and write masks.json, pruned.pt and metrics.json (last: its presence means the run is complete)."""
+def finish_run(cfg: TrainConfig, model, spec: ModelSpec, state: State, device: torch.device, out: Path,
+               code: dict | None) -> dict:
+    """The end of the run (masks frozen): prune once, count parameters and FLOPs, and write masks.json,
+    pruned.pt and metrics.json (last: its presence means the run is complete)."""
     from ..models.counting import count_flops
     from ..models.pruning import live_parts, prune, prune_report, save_pruned
 
     model.eval()
-    if spec.connectivity == "learned" and not masks_frozen(model):
-        freeze(model, cfg)
     compact = prune(model) if spec.masked else None
     sizes = prune_report(model, compact)
     shape = (spec.in_channels, spec.image_size, spec.image_size)
@@ -341,9 +248,9 @@ def finish_run(cfg: TrainConfig, model, spec: ModelSpec, history: list[dict], be
         sizes["flops_test"] = count_flops(compact, shape)
         save_pruned(out / "pruned.pt", compact)
     precision = Precision.for_device(device, amp=cfg.amp, channels_last=cfg.channels_last).describe()
-    return rundir.write_metrics(out, cfg, spec, history, best, sizes=sizes, wall=wall, device=device,
+    return rundir.write_metrics(out, cfg, spec, state.history, state.best, sizes=sizes, wall=state.wall, device=device,
                                 precision=precision, mask_fields=_mask_metrics(model, cfg, spec), code=code,
-                                code_history=code_history)
+                                code_history=state.code_history)
 
 
 def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:
@@ -356,13 +263,30 @@ def _mask_metrics(model, cfg: TrainConfig, spec: ModelSpec) -> dict:
             "mask_rows": bank.rows, **{f"final_{k}": v for k, v in bank.stats().items()}}
 
 
-def _start_tracker(cfg: TrainConfig, out: Path, spec: ModelSpec, device: torch.device):
-    from ..provenance import git_commit, run_device
-    from ..tracking import Tracker, run_tags
+class TrackingCallback:
+    """The run in MLflow (``maskconnect.tracking.Tracker``): its parameters and tags at the start, each
+    epoch's row, and at the end its metrics and files (a failed or killed run is marked so)."""
 
-    t = Tracker(out, experiment=cfg.experiment, run_name=str(out), uri=cfg.tracking_uri, enabled=True)
-    flat = asdict(cfg)
-    t.start(flat, {"git_commit": git_commit() or "unknown", "torch_version": torch.__version__,
-                   "device": run_device(device), "seed": str(cfg.seed),
-                   **run_tags({**flat, "arch": spec.arch, "fan_in": spec.fan_in}, cfg.experiment)})
-    return t
+    def __init__(self, tracker):
+        self.tracker = tracker
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, out: Path, spec: ModelSpec, device: torch.device) -> "TrackingCallback":
+        from ..provenance import git_commit, run_device
+        from ..tracking import Tracker, run_tags
+
+        t = Tracker(out, experiment=cfg.experiment, run_name=str(out), uri=cfg.tracking_uri, enabled=True)
+        flat = asdict(cfg)
+        t.start(flat, {"git_commit": git_commit() or "unknown", "torch_version": torch.__version__,
+                       "device": run_device(device), "seed": str(cfg.seed),
+                       **run_tags({**flat, "arch": spec.arch, "fan_in": spec.fan_in}, cfg.experiment)})
+        return cls(t)
+
+    def epoch_end(self, row: dict) -> None:
+        self.tracker.log_epoch(row, step=row["epoch"])
+
+    def run_end(self, metrics: dict | None, files: list[Path], error: BaseException | None) -> None:
+        if error is None:
+            self.tracker.finish(metrics or {}, files)
+        else:
+            self.tracker.finish({}, [], status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")

@@ -1,6 +1,8 @@
 """The run directory's files (docs/run_format.md): is this directory new, a run to resume, a finished
 run or someone else's (:func:`prepare_run_dir`); the checkpoint, written every epoch with the one
 before it kept, and loaded to resume; config.json, history.csv, masks.json and metrics.json.
+:class:`RunDirectory` is a run's hold on its directory for the run's length: the lock, the verdict every
+rank follows, the start, the checkpoints and the resume.
 
 Only files here: what goes into them (freezing, pruning, FLOPs) is the loop's (:mod:`.loop`).
 Every file is written atomically (a temporary file renamed over the target).
@@ -14,16 +16,17 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import RunDirError
+from ..errors import MaskConnectError, RunDirError
 from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 from ..provenance import run_device, versions
 from ..specs import MASKED, ModelSpec
 from .config import LEARNED_ONLY, TrainConfig, identity_of
+from .ddp import Distributed, from_main
 from .lock import RunLock
 
 CHECKPOINT = "checkpoint.pt"
@@ -362,3 +365,122 @@ def write_metrics(out: Path, cfg: TrainConfig, spec: ModelSpec, history: list[di
     }
     atomic_write_json(out / METRICS, metrics)
     return metrics
+
+
+# --- a run's hold on its directory ---------------------------------------------------------------
+
+@dataclass
+class State:
+    """What a run has done so far, as its checkpoint keeps it: epochs done, the history, the best epoch,
+    the wall time spent, which code trained which epochs."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "top5": None, "epoch": 0})
+    wall: float = 0.0
+    code_history: list[dict] = field(default_factory=list)
+
+    def record(self, row: dict) -> None:
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        if row["test_top1"] > self.best["top1"]:
+            self.best = {"top1": row["test_top1"], "top5": row["test_top5"], "epoch": row["epoch"]}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Rank 0's decision about the directory, which every rank follows: "new", "resume" or "complete",
+    or the error that stops the run."""
+
+    state: str | None
+    error: str | None = None
+
+
+class RunDirectory:
+    """A run's hold on its directory (``with RunDirectory(cfg, dist, replace=...) as d:``): rank 0 locks it
+    (:class:`~.lock.RunLock`) before its files are inspected and until the run ends, decides what it holds
+    (:func:`prepare_run_dir`: ``d.state`` is "new", "resume" or "complete") and every rank follows. Then
+    :meth:`start` (a new run's config.json), :meth:`resume` (the latest readable checkpoint), and every
+    epoch :meth:`checkpoint`. ``code`` is the code running (provenance.code_state; rank 0 only)."""
+
+    def __init__(self, cfg: TrainConfig, dist: Distributed, *, replace: bool = False):
+        from ..provenance import code_state
+
+        self.cfg, self.dist, self.replace, self.out = cfg, dist, replace, Path(cfg.out)
+        self.lock = RunLock(cfg.out) if dist.main else None
+        self.code = code_state("train") if dist.main else None
+        self.state: str | None = None
+
+    def __enter__(self) -> "RunDirectory":
+        verdict, error = None, None
+        if self.dist.main:
+            try:
+                self.lock.acquire()
+                verdict = Verdict(prepare_run_dir(self.cfg, replace=self.replace, lock=self.lock, code=self.code))
+            except MaskConnectError as e:
+                verdict, error = Verdict(None, str(e)), e
+        verdict = from_main(self.dist, verdict)
+        if verdict.error is not None:
+            self.__exit__(None, None, None)
+            raise error if error is not None else RunDirError(verdict.error)
+        self.state = verdict.state
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def complete_metrics(self) -> dict:
+        """A finished run's metrics (rank 0; the other ranks get {}), and a line saying nothing is to do."""
+        metrics = read_metrics(self.out)
+        if not self.dist.main:
+            return {}
+        print(f"{self.out}: already complete (top-1 {metrics['top1']:.2f}); nothing to do", file=sys.stderr)
+        return metrics
+
+    def start(self) -> None:
+        if self.dist.main:
+            write_config(self.out, self.cfg)
+
+    def checkpoint(self, state: State, model, optimizer, scheduler, device: torch.device, wall: float) -> None:
+        """history.csv, then the checkpoint (the one before it kept): what a rerun resumes from."""
+        write_history(self.out, state.history)  # before the checkpoint; resume rewrites it
+        save_checkpoint(self.out, {
+            "epoch": state.epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(device), "history": state.history,
+            "best": state.best, "wall_time_s": wall, "config": asdict(self.cfg), "world": self.dist.world,
+            "code_history": state.code_history,
+        })
+
+    def resume(self, model, optimizer, scheduler, device: torch.device) -> State:
+        """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into the model, the
+        optimiser, the scheduler and the RNG; every rank from the file rank 0 chose (or stops with its
+        error). Returns the run's :class:`State`."""
+        out, cfg, dist = self.out, self.cfg, self.dist
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict copies onto the device
+        if dist.world > 1:
+            choice = None
+            if dist.main:
+                try:
+                    choice = str(load_checkpoint(out, cfg)[1])
+                except RunDirError as e:
+                    choice = e
+            choice = from_main(dist, choice)
+            if isinstance(choice, RunDirError):
+                raise RunDirError(str(choice))
+            ck = torch.load(choice, map_location="cpu", weights_only=True)
+        else:
+            ck = load_checkpoint(out, cfg)[0]
+        if ck.get("world", 1) != dist.world:
+            raise RunDirError(f"{out} was trained with {ck.get('world', 1)} processes, this run has {dist.world}: "
+                              "the global batch and LR would change; resume with the same number of processes")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"], device)
+        if dist.main:
+            write_history(out, ck["history"])  # a kill may have left it one epoch ahead
+            print(f"{out}: resuming after epoch {ck['epoch']}/{ck['config']['epochs']}", file=sys.stderr)
+        # a checkpoint from before the code history: its epochs' code is unknown
+        unknown = [{"git_commit": None, "git_dirty": None, "code_digest": None, "epochs": [1, ck["epoch"]]}] if ck["epoch"] else []
+        return State(ck["epoch"], ck["history"], ck["best"], ck["wall_time_s"], ck.get("code_history", unknown))
