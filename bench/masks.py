@@ -201,7 +201,7 @@ def run_planted(r: PlantedRun) -> dict:
         raise RuntimeError("planted branches were not applied in training (hooks not called): the model's "
                            "training path bypasses MaskedBlock.forward")
     ev = evaluate(model, data.test_batches(), precision, 10)
-    masks = bank.binary
+    masks = bank.fixed
     on_clean = clean_share(masks, useless)
     on_clean_live = clean_share(masks, useless, live_only=True)
     return {**r.__dict__, "mask_lr": mask_lr, "mask_lr_given": r.mask_lr is not None, "top1": ev["test_top1"], "on_clean": on_clean, "on_clean_live": on_clean_live, "clean_fraction": 1 - r.noisy / spec.cardinality,

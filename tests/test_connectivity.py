@@ -143,7 +143,7 @@ def test_param_groups_clip_and_freeze():
         model.masks.real.copy_(real)
     freeze_masks(model)
     expected = torch.zeros_like(real).scatter_(-1, real.topk(2, dim=-1).indices, 1.0)
-    assert torch.equal(model.masks.binary, expected)
+    assert torch.equal(model.masks.fixed, expected)
     model.train()
     assert torch.equal(model.masks(), expected)  # frozen: no more sampling, even in training mode
     # the frozen flag survives a state-dict round trip
@@ -194,8 +194,8 @@ def test_pruning_removes_dead_branches_with_known_masks():
     model = MaskedResNeXt(_small(connectivity="random", fan_in=1)).double().eval()
     randomize_bn(model)
     with torch.no_grad():
-        model.masks.binary.zero_()
-        model.masks.binary[:, :, 0] = 1  # every branch reads branch 0 only
+        model.masks.fixed.zero_()
+        model.masks.fixed[:, :, 0] = 1  # every branch reads branch 0 only
     compact = prune(model)
     assert compact.branches == [1] * (model.spec.num_modules - 1) + [4]
     assert count_weights(compact) < count_weights(model)
@@ -227,3 +227,15 @@ def test_prune_needs_frozen_masks_and_roundtrips(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded(x), compact(x))
+
+
+def test_a_bank_saved_before_the_rename_of_binary_to_fixed_still_loads():
+    """Checkpoints and pruned models written before the fixed masks' buffer was renamed hold it as
+    ``masks.binary``: they load into the same masks."""
+    model = MaskedResNeXt(_small(connectivity="random", fan_in=2, seed=4))
+    state = {(k.replace("masks.fixed", "masks.binary")): v for k, v in model.state_dict().items()}
+    assert "masks.binary" in state and "masks.fixed" not in state
+    other = MaskedResNeXt(_small(connectivity="random", fan_in=2, seed=9))
+    assert not torch.equal(other.masks.fixed, model.masks.fixed)
+    other.load_state_dict(state)
+    assert torch.equal(other.masks.fixed, model.masks.fixed)

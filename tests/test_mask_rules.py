@@ -176,10 +176,10 @@ def test_rules_leave_frozen_and_random_banks_alone(name):
     grad = learned.real.grad.clone()
     before = learned.real.detach().clone()
     rnd = MaskBank(3, 6, 2, "random", seed=0)
-    binary = rnd.binary.clone()
+    binary = rnd.fixed.clone()
     MASK_RULES[name].before_step([learned, rnd])
     MASK_RULES[name].after_step([learned, rnd])
-    assert torch.equal(learned.real, before) and torch.equal(rnd.binary, binary)
+    assert torch.equal(learned.real, before) and torch.equal(rnd.fixed, binary)
     assert torch.equal(learned.real.grad, grad)
 
 
@@ -206,10 +206,10 @@ def test_freeze_breaks_exact_ties_with_a_seeded_draw_and_counts_them():
     for seed in (3, 3, 4):
         b = MaskBank(1, c, k, "learned")  # then given 400 rows of C sources
         b.real = torch.nn.Parameter(real.clone())
-        b.binary = torch.zeros(1, rows, c)
+        b.fixed = torch.zeros(1, rows, c)
         assert b.freeze(generator=torch.Generator().manual_seed(seed)) == rows
         assert b.tied_at_freeze == rows
-        masks.append(b.binary.clone())
+        masks.append(b.fixed.clone())
     assert torch.equal(masks[0], masks[1])        # same seed, same draw
     assert not torch.equal(masks[0], masks[2])    # another seed, another draw
     assert (masks[0].sum(-1) == k).all()
@@ -228,7 +228,7 @@ def test_freeze_without_ties_is_plain_topk_and_reports_zero():
     assert freeze_masks(model, seed=0) == 0
     expect = np.zeros(real.shape, dtype=np.float32)
     np.put_along_axis(expect, np.argsort(-real.numpy(), axis=-1)[..., :2], 1.0, axis=-1)
-    assert np.array_equal(mask_banks(model)[0].binary.numpy(), expect)
+    assert np.array_equal(mask_banks(model)[0].fixed.numpy(), expect)
 
 
 def test_evaluation_before_freezing_and_freezing_break_ties_the_same_way():

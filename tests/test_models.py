@@ -79,7 +79,7 @@ def test_masked_model_has_the_weights_of_full(dataset, arch, k, connectivity):
     assert {n: v.numel() for n, v in masked_sd.items()} == {n: v.numel() for n, v in full_sd.items()}
     assert count_weights(masked) == count_weights(full)
     c = masked.spec.cardinality
-    assert mask_banks(masked)[0].binary.shape == (masked.spec.num_modules - 1, c, c)
+    assert mask_banks(masked)[0].fixed.shape == (masked.spec.num_modules - 1, c, c)
 
 
 SMALL = dict(dataset="synthetic", stage_width=8, num_classes=5, image_size=8)
@@ -128,7 +128,7 @@ def test_vectorised_forward_equals_per_branch_loop(k):
     ref = naive_masked_forward(model, x)
     assert torch.allclose(fast, ref, atol=1e-10)
     # with K < C the branches really read different sources (otherwise the mixing would go untested)
-    m = model.masks.binary
+    m = model.masks.fixed
     assert (m.sum(-1) == k).all()
     if k < 4:
         assert (m != m[:, :1, :]).any()
@@ -147,7 +147,7 @@ def test_vectorised_equals_loop_for_learned_sampled_masks():
     model.eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
-        sampled.binary.copy_(m)
+        sampled.fixed.copy_(m)
         sampled.frozen = True
         fast = model(x)
     assert torch.allclose(fast, naive_masked_forward(model, x, masks=m), atol=1e-10)

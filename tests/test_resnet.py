@@ -106,7 +106,7 @@ def test_masked_resnet_reading_each_predecessor_is_fixed_prev(conn):
             masked.masks.real.copy_(_predecessor_mask(9))
             freeze_masks(masked)
         else:
-            masked.masks.binary.copy_(_predecessor_mask(9))
+            masked.masks.fixed.copy_(_predecessor_mask(9))
     assert torch.equal(masked.masks()[0], _predecessor_mask(9)[0])
     x = torch.randn(4, 3, 32, 32)
     for mode in ("eval", "train"):

@@ -81,7 +81,7 @@ def _all_runs(client):
 def store(tmp_path_factory):
     """One shared sqlite store for the single-process tests."""
     root = tmp_path_factory.mktemp("store")
-    return ensure_store(f"sqlite:///{root}/mlflow.db", strict=True)
+    return ensure_store(f"sqlite:///{root}/mlflow.db")
 
 
 def test_eight_parallel_jobs_on_a_fresh_sqlite_store(tmp_path):
@@ -385,7 +385,7 @@ def test_a_store_that_stays_locked_costs_a_run_its_30_s_budget_and_no_more(tmp_p
 
     locked.now, locked.calls = 0.0, 0
     with pytest.raises(tracking_store.MaskConnectError, match="database is locked"):
-        ensure_store(uri, strict=True)                                 # `maskconnect track init`
+        ensure_store(uri)                                 # `maskconnect track init`
     assert locked.calls >= 3 and locked.now <= BUDGET_S + locked.wait
 
 
@@ -430,6 +430,6 @@ def test_a_store_is_created_without_its_lock_where_the_lock_cannot_be_taken(tmp_
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", refuse)
-    uri = ensure_store(f"sqlite:///{tmp_path}/mlflow.db", strict=True)
+    uri = ensure_store(f"sqlite:///{tmp_path}/mlflow.db")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
     assert _client(uri).search_experiments()

@@ -202,7 +202,7 @@ class MaskBank(nn.Module):
     * learned, training, not frozen: a fresh sample, with the straight-through gradient to ``real``;
     * learned, eval, not frozen: the current top-K masks (evaluation always uses top-K masks);
     * frozen (learned after :meth:`freeze`, and random from the start): the fixed binary masks, in
-      ``fixed``.
+      ``fixed`` (zeros in a learned bank until it is frozen: :meth:`current` gives the masks in use).
     """
 
     def __init__(self, num_masks: int, cardinality: int, fan_in: int, kind: str, *, seed: int = 0,
@@ -216,27 +216,27 @@ class MaskBank(nn.Module):
         self.register_buffer("valid", None if valid is None else valid.bool().clone(), persistent=False)
         if kind == "learned":
             self.real = nn.Parameter(_keep(torch.full(shape, float(init)), self.valid))
-            self.register_buffer("binary", torch.zeros(shape))
+            self.register_buffer("fixed", torch.zeros(shape))  # filled by freeze()
             self.frozen = False
         else:
             self.register_parameter("real", None)
-            self.register_buffer("binary", random_masks(num_masks, cardinality, fan_in, seed, valid=self.valid))
+            self.register_buffer("fixed", random_masks(num_masks, cardinality, fan_in, seed, valid=self.valid))
             self.frozen = True
         self.last_sample: Tensor | None = None  # the most recent training draw (for statistics)
         self.tied_at_freeze: int | None = None  # rows whose top-K set an exact tie decided at freezing
 
     @property
     def num_masks(self) -> int:
-        return self.binary.shape[0]
+        return self.fixed.shape[0]
 
     @property
     def rows(self) -> int:
         """Rows with a choice (more candidates than K): the rows learning decides."""
-        return int(free_rows(self.binary, self.fan_in, self.valid).sum())
+        return int(free_rows(self.fixed, self.fan_in, self.valid).sum())
 
     def forward(self) -> Tensor:
         if self.frozen:
-            return self.binary
+            return self.fixed
         if self.training:
             sample = sample_masks(self.real, self.fan_in, valid=self.valid)
             self.last_sample = sample
@@ -262,7 +262,7 @@ class MaskBank(nn.Module):
         """
         if self.real is not None and not self.frozen:
             gen = generator if generator is not None else self.tie_generator()
-            self.binary.copy_(topk_masks(self.real, self.fan_in, generator=gen, valid=self.valid))
+            self.fixed.copy_(topk_masks(self.real, self.fan_in, generator=gen, valid=self.valid))
             self.real.requires_grad_(False)
             self.tied_at_freeze = int(tied_rows(self.real, self.fan_in, self.valid).sum())
         self.frozen = True
@@ -271,8 +271,13 @@ class MaskBank(nn.Module):
     def current(self) -> Tensor:
         """The binary masks evaluation would use now (top-K if learned and not yet frozen)."""
         if self.frozen:
-            return self.binary.detach().clone()
+            return self.fixed.detach().clone()
         return topk_masks(self.real, self.fan_in, generator=self.tie_generator(), valid=self.valid)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "binary" in state_dict:  # checkpoints and pruned models written before the rename
+            state_dict[prefix + "fixed"] = state_dict.pop(prefix + "binary")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # The frozen flag is part of the state dict, so a checkpoint restores it.
     def get_extra_state(self):
@@ -326,7 +331,7 @@ def count_weights(model: nn.Module) -> int:
 
 def count_mask_entries(model: nn.Module) -> int:
     """Number of mask entries, candidates only (binary and real-valued copies count once per entry)."""
-    return sum(b.binary.numel() if b.valid is None else int(b.valid.sum()) * b.num_masks for b in mask_banks(model))
+    return sum(b.fixed.numel() if b.valid is None else int(b.valid.sum()) * b.num_masks for b in mask_banks(model))
 
 
 def param_groups(

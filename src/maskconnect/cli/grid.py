@@ -6,7 +6,6 @@ The logic lives in :mod:`maskconnect.experiments` (which the Snakefile imports) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 

@@ -30,7 +30,7 @@ def register(sub) -> None:
 def _init(args) -> int:
     from ..tracking import ensure_store
 
-    print(ensure_store(args.tracking_uri, strict=True))
+    print(ensure_store(args.tracking_uri))
     return 0
 
 

@@ -33,7 +33,7 @@ def _frozen_masks(model: nn.Module) -> Tensor:
         raise ValueError("prune needs an unpruned masked model (connectivity 'random' or 'learned')")
     if not banks[0].frozen:
         raise ValueError("masks are not frozen: call maskconnect.connectivity.freeze_masks(model) first")
-    return banks[0].binary.detach().cpu()
+    return banks[0].fixed.detach().cpu()
 
 
 def structure(model: nn.Module) -> list:

@@ -195,11 +195,6 @@ def scan_runs(results_dir, grid: str | None = None) -> tuple[pd.DataFrame, list[
     return df, skipped
 
 
-def collect_runs(results_dir, grid: str | None = None) -> pd.DataFrame:
-    """One row per complete run (columns RUN_COLUMNS); see :func:`scan_runs`."""
-    return scan_runs(results_dir, grid)[0]
-
-
 # ---- expected runs (a grid's target list) -----------------------------------------------------------
 
 def expected_keys(expected: Iterable) -> list[tuple]:

@@ -233,22 +233,18 @@ def client(uri: str):
         return c
 
 
-def ensure_store(uri: str | None = None, *, strict: bool = False) -> str:
+def ensure_store(uri: str | None = None) -> str:
     """Create the tracking store (database and schema) once, before parallel jobs start; returns the
-    normalised URI. Failures (and a missing mlflow) are a :class:`TrackingWarning`, unless ``strict``:
-    then they raise a one-line :class:`TrackingError`."""
+    normalised URI. A missing mlflow or an unusable store is a one-line :class:`TrackingError` (or
+    ``MaskConnectError`` for the missing package): ``maskconnect track init`` and ``track sync`` stop on
+    it, where training only warns (:class:`~.live.Tracker`)."""
     uri = normalise_uri(uri)
     if not have_mlflow():
-        if strict:
-            raise MaskConnectError("mlflow is not installed (pip install 'maskconnect[track]')")
-        warn_missing_once()
-        return uri
+        raise MaskConnectError("mlflow is not installed (pip install 'maskconnect[track]')")
     try:
         retry(lambda: client(uri), budget=Budget(), http=is_http(uri))
     except Exception as e:
-        if strict:
-            raise as_tracking_error(e, uri) from None
-        warn(str(as_tracking_error(e, uri)))
+        raise as_tracking_error(e, uri) from None
     return uri
 
 

@@ -134,7 +134,7 @@ def log_report(report_dir: Path | str, *, uri: str | None = None, experiment: st
     report_dir = Path(report_dir).resolve()
     if not report_dir.is_dir():
         raise RunDirError(f"report folder {report_dir} does not exist; run `maskconnect report` first")
-    uri = store.ensure_store(uri, strict=True)  # raises without mlflow
+    uri = store.ensure_store(uri)  # raises without mlflow
     client = store.client(uri)
     exp_id = store.experiment_id(client, uri, experiment)
     found = runs.find_run_by_tag(client, str(report_dir), REPORT_TAG, [exp_id])

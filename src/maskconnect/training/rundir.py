@@ -328,7 +328,7 @@ def write_history(out: Path, rows: list[dict]) -> None:
 def write_masks(out: Path, spec: ModelSpec, bank, live: list) -> None:
     """masks.json (docs/run_format.md): the binary masks, the real-valued ones (learned), what lives
     (``models.pruning.live_parts``: live branches per module, or live blocks)."""
-    masks = bank.binary.detach().cpu()
+    masks = bank.fixed.detach().cpu()
     atomic_write_json(out / "masks.json", {
         "family": spec.family, "arch": spec.arch, "cardinality": spec.cardinality, "fan_in": spec.fan_in,
         "connectivity": spec.connectivity, "modules": spec.num_modules, "masks": masks.int().tolist(),
