@@ -32,7 +32,7 @@ from ..specs import ModelSpec
 from . import rundir
 from .config import TrainConfig
 from .ddp import Distributed, cleanup_distributed, epoch_means, from_main, init_distributed, wrap_ddp
-from .device import resolve_device, tune_cpu_allocator
+from .device import configure_cudnn, resolve_device, tune_cpu_allocator
 from .lock import RunLock
 from .progress import Progress
 from .schedule import build_optimizer, joint_phase_over, phase, scaled_lr
@@ -90,6 +90,7 @@ def _train(cfg: TrainConfig, dist: Distributed, lock: RunLock | None, *, replace
            kill_after_epoch: int | None, ignored: list[str]) -> dict:
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    configure_cudnn()
     if device.type == "cpu":
         tune_cpu_allocator()
     if dist.world > 1:
