@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from maskconnect.training.device import configure_cudnn
 from maskconnect.training.step import Precision
 from maskconnect.io import atomic_write_json
 from maskconnect.provenance import device_kind, device_name, environment  # noqa: F401 (re-exported)
@@ -91,11 +92,9 @@ class Context:
 
 
 def make_context(device: torch.device, **kw) -> Context:
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)
-        # Training picks the fastest convolution algorithms, as a real run does.
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    configure_cudnn()  # training's setting (maskconnect.training.device.CUDNN_BENCHMARK)
     ctx = Context(device=device, precision=Precision.for_device(device), **kw)
     ctx.env = environment(device)
     if not ctx.tag:
@@ -360,6 +359,7 @@ def make_record(ctx: Context, benchmark: str, *, batch: int | None, warmup: int,
         "dtype": ctx.dtype_name(),
         "channels_last": ctx.precision.channels_last,
         "compile": ctx.compile,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "quick": ctx.quick,
         "batch": batch,
         "warmup": warmup,

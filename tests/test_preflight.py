@@ -38,14 +38,23 @@ def _failed(rec: dict) -> list[str]:
     return [c["name"] for c in rec["checks"] if not c["passed"]]
 
 
+def _failed_besides_timing(rec: dict) -> list[str]:
+    """The failed checks, less the cost check's verdict on disturbed timings: other engineers' jobs share
+    this machine's cores, and a disturbed timing rightly fails that row (tests/test_preflight_cost.py)."""
+    timing = next((c for c in rec["checks"] if c["name"] == "cost: timings undisturbed"), None)
+    if timing is not None and not timing["passed"]:
+        assert timing["disturbed"] and "rerun the preflight when the machine is quiet" in timing["advice"]
+    return [n for n in _failed(rec) if n != "cost: timings undisturbed"]
+
+
 def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_path):
     code, rec = _preflight(tmp_path, "--grid", "demo", "--device", "cpu")
-    assert code == 0 and rec["passed"] is True, _failed(rec)
+    assert _failed_besides_timing(rec) == [] and code == (0 if rec["passed"] else 1)
     run = [c for c in rec["checks"] if not c.get("skipped")]
     names = [c["name"] for c in run]
-    assert len(set(names)) == len(names) >= 6 and all(c["passed"] for c in run)
+    assert len(set(names)) == len(names) >= 6
     for kind in ("environment", "train step", "1x1 backward: batched-matmul", "1x1 backward: convolution-kernel",
-                 "data path: digits", "memory: digits"):
+                 "data path: digits", "memory: digits", "cost: timings undisturbed"):
         assert any(n.startswith(kind) for n in names), kind
     # every masked model of the grid (random K=2,4; learned K=1,2,4) on CUDA's path in fp32 and bf16
     for label in ("random K=2", "random K=4", "learned K=1", "learned K=2", "learned K=4"):
@@ -58,12 +67,31 @@ def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_pa
     assert env["torch_version"] == torch.__version__ and env["device"] == "cpu"
     proj = rec["projection"]
     assert proj["total"]["runs"] == 18 and proj["total"]["missing"] == 0 and proj["total"]["hours"] > 0
+    assert proj["cudnn_benchmark"] is torch.backends.cudnn.benchmark is True
     assert {m["label"].split(", batch")[0].split()[-1] for m in proj["models"]} == {"Fixed-Full", "Fixed-Random", "Learned"}
     full = next(m for m in proj["models"] if "Fixed-Full" in m["label"])
     learned = next(m for m in proj["models"] if "Learned" in m["label"])
     assert learned["train_step_s"] > full["train_step_s"] > 0  # a masked step moves C branch tensors
+    # every timing holds its spread, repeat count and load; learned runs have both phases, timed apart
+    assert set(full["phases"]) == {"fixed"} and set(learned["phases"]) == {"joint", "finetune"}
+    timings = [ph[k] for m in proj["models"] for ph in m["phases"].values() for k in ("train_step", "eval_pass")]
+    timings += [m["checkpoint"] for m in proj["models"]] + [lt[k] for lt in proj["loaders"] for k in ("train_batch", "test_batch")]
+    for t in timings:
+        assert t["min"] <= t["median"] <= t["max"] and t["repeats"] == len(t["samples"]) >= 3
+        assert t["load"]["cpus"] == os.cpu_count() and len(t["load"]["loadavg_start"]) == len(t["load"]["loadavg_end"]) == 3
+    assert learned["phases"]["joint"]["train_step"]["repeats"] == 20
+    probe = proj["startup"][0]
+    assert probe["dataset"] == "digits" and probe["tracked"] is True and probe["process_s"] > probe["import_s"] > 0
+    assert "load" in probe and probe["data_error"] is None
+    # learned runs: the joint epochs at the learned step, the fine-tune epochs at the frozen model's
+    lrun = next(r for r in proj["runs"] if "learned" in r["run"])
+    assert lrun["phases"]["joint"]["epochs"] == lrun["freeze_epoch"] == 10 and lrun["phases"]["finetune"]["epochs"] == 8
+    assert lrun["seconds"] == pytest.approx(lrun["loop_s"] + sum(lrun["per_run_s"].values()))
+    # two single-thread jobs at once on this machine's cores: the wall time is below the sum
+    assert proj["total"]["wall_hours"] < proj["total"]["hours"]
     md = (tmp_path / "pf" / "preflight.md").read_text()
-    assert "**PASSED**" in md and "| demo | 18 |" in md and md.count("| ok |") == len(run)
+    assert ("**PASSED**" if rec["passed"] else "**FAILED**") in md and "| demo | 18 |" in md
+    assert md.count("| ok |") == sum(c["passed"] for c in run) and "Learned, batch 64 | finetune |" in md
 
 
 COST_GRID = """\
@@ -76,27 +104,37 @@ entries:
 
 
 def test_the_projection_is_epochs_times_training_steps_and_evaluation_passes(tmp_path):
-    """Each run's projected hours, by hand: epochs x (training steps x step time + evaluation passes x
-    evaluation time), with the step counts of the data a run iterates (not the projection's table of
-    dataset sizes) and the step times the record measured; the total is their sum."""
+    """Each run's projected hours, by hand from the record's own timings: epochs x (training steps x
+    (step + loader batch) + evaluation passes x (evaluation pass + test batch) + checkpoint + tracker
+    epoch) + the per-run terms, with the step counts of the data a run iterates (not the projection's
+    table of dataset sizes); the total is their sum."""
     from maskconnect.data import build_data
     from maskconnect.preflight import cost
 
     grid = tmp_path / "cost.yaml"
     grid.write_text(COST_GRID)
     code, rec = _preflight(tmp_path, "--grid", str(grid), "--device", "cpu", "--time-steps", "1")
-    assert code == 0, _failed(rec)
+    assert _failed_besides_timing(rec) == [], _failed(rec)
     proj = rec["projection"]
     times = {m["label"]: m for m in proj["models"]}
+    loaders = {(lt["batch"], lt["eval_batch"]): lt for lt in proj["loaders"]}
+    probe = proj["startup"][0]
     settings = {"digits/11-2-4": (3, 64, 100), "digits/11-2-2": (2, 50, 128)}  # epochs, batch, eval batch
     hand = {}
     for run in proj["runs"]:
         epochs, batch, eval_batch = settings[run["run"].rsplit("/", 2)[0]]
         data = build_data("digits", batch_size=batch, eval_batch_size=eval_batch, augment=False)
         steps, evals = data.steps_per_epoch(), sum(1 for _ in data.test_batches())
-        t = times[run["model"]]
+        t, lt = times[run["model"]], loaders[(batch, eval_batch)]
+        ph = t["phases"]["fixed"]
         assert (run["epochs"], t["batch"], t["eval_batch"]) == (epochs, batch, eval_batch)
-        hand[run["run"]] = epochs * (steps * t["train_step_s"] + evals * t["eval_step_s"]) / 3600
+        epoch = (steps * (ph["train_step"]["median"] + lt["train_batch"]["median"])
+                 + evals * (ph["eval_pass"]["median"] + lt["test_batch"]["median"])
+                 + t["checkpoint"]["median"] + probe["tracker_epoch_s"])
+        once = (probe["interpreter_s"] + probe["import_s"] + probe["device_init_s"] + probe["data_s"]
+                + probe["tracker_start_s"] + probe["tracker_finish_s"] + ph["model_build_s"] + ph["warmup_s"]
+                + t["finish"]["seconds"])
+        hand[run["run"]] = (epochs * epoch + once) / 3600
         assert run["hours"] == pytest.approx(hand[run["run"]], rel=1e-9), (run, steps, evals)
     assert len(hand) == 4 and proj["total"]["hours"] == pytest.approx(sum(hand.values()), rel=1e-9)
     # run_hours on made-up times: 1442 training images are 23 steps of 64 (12 of 2 x 64 on two GPUs), 355
@@ -156,6 +194,9 @@ FACTORS = {where: -1.0 if "wrong sign" in where else 1.5 for where in INJECTIONS
 
 @pytest.mark.parametrize("where", list(INJECTIONS))
 def test_a_wrong_gradient_in_any_custom_backward_fails_the_cpu_preflight(where, tmp_path, monkeypatch):
+    from maskconnect.preflight import startup
+
+    monkeypatch.setattr(startup, "probe", lambda **kw: {"error": "not run in this test"})
     _inject(monkeypatch, where)
     code, rec = _preflight(tmp_path, "--grid", "smoke", "--device", "cpu", "--time-steps", "1")
     failed = _failed(rec)

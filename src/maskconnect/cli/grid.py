@@ -65,6 +65,10 @@ def _cmd_collect(args) -> int:
 
         part = grid.parts[0] if len(grid.parts) == 1 else grid.name
         write_summary(grid, part, result, args.summary_dir)
+    from ..report.projection import lines
+
+    for line in lines(result["timing"]):
+        print(line, file=sys.stderr)
     print(f"grid {grid.name!r}: {result['runs_complete']} of {result['runs_expected']} runs complete"
           + (f"; missing: {', '.join(result['missing'])}" if result["missing"] else ""), file=sys.stderr)
     return 0

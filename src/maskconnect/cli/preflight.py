@@ -35,8 +35,9 @@ def register(sub) -> None:
                    help="check torch.compile against eager (default: when the grid compiles)")
     p.add_argument("--ddp", default=True, action=argparse.BooleanOptionalAction,
                    help="with more than one GPU visible, check DDP over them (default on)")
-    p.add_argument("--time-steps", type=_positive, default=5, dest="time_steps",
-                   help="timed training steps per model for the cost projection (default 5, after 2 warm-up steps)")
+    p.add_argument("--time-steps", type=_positive, default=20, dest="time_steps",
+                   help="timed training steps per model and phase for the cost projection (default 20, after 2 warm-up "
+                        "steps; fewer make a quicker, less certain projection)")
     p.set_defaults(func=_cmd)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -10,7 +13,7 @@ from ..specs import arch_label
 from ..training.step import Precision
 from . import cost as C
 from . import datapath, steps
-from .steps import Path
+from .steps import Path as StepPath
 
 INDEX_URL_ADVICE = ("reinstall torch for your driver: MASKCONNECT_TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 "
                     "bash scripts/setup.sh (README: 'GPU drivers and torch's CUDA build')")
@@ -104,16 +107,16 @@ def correctness(pf, compile: bool | None = None) -> None:
     fp32 = Precision(dev, None, False)
     fast = _precisions(pf)
     if dev.type == "cuda":
-        candidates = [("default path (saving), fp32", Path(True, False, fp32))]
+        candidates = [("default path (saving), fp32", StepPath(True, False, fp32))]
     else:
-        candidates = [("CPU default path (plain autograd, CPU fast paths), fp32", Path(False, True, fp32)),
-                      ("CUDA's path (saving, GPU kernels), fp32", Path(True, False, fp32)),
-                      ("saving path with the CPU's matmul 1x1 backward, fp32", Path(True, True, fp32))]
+        candidates = [("CPU default path (plain autograd, CPU fast paths), fp32", StepPath(False, True, fp32)),
+                      ("CUDA's path (saving, GPU kernels), fp32", StepPath(True, False, fp32)),
+                      ("saving path with the CPU's matmul 1x1 backward, fp32", StepPath(True, True, fp32))]
     if fast.amp_dtype is not None or fast.channels_last:
         what = "default path (saving)" if dev.type == "cuda" else "CUDA's path (saving, GPU kernels)"
         prec = fast.describe()
         candidates.append((f"{what}, {prec['autocast_dtype'] or 'fp32'} autocast + {prec['memory_format']}",
-                           Path(True, False, fast)))
+                           StepPath(True, False, fast)))
     models = _masked_models(pf)
     for label, model, spec in models:
         x, y = _batch(spec, dev)
@@ -123,7 +126,7 @@ def correctness(pf, compile: bool | None = None) -> None:
         def compare(path=None):
             if "fp32" not in ref:
                 with steps.exact_fp32():
-                    plain = Path(False, False, fp32)
+                    plain = StepPath(False, False, fp32)
                     r = steps.run_step(model, x, y, plain)
                     ref["fp32"] = r, steps.sensitivity(model, x, y, plain, r, steps.U_FP32)
             return steps.compare_step(model, x, y, path, dev, fp32_reference=ref["fp32"])
@@ -143,7 +146,7 @@ def correctness(pf, compile: bool | None = None) -> None:
     label, model, spec = next((m for m in models if m[2].connectivity == "learned"), models[0])
     x, y = _batch(spec, dev)
     _timed(pf, f"torch.compile against eager: {label}",
-           lambda: steps.compile_check(model, x, y, Path(dev.type == "cuda", False, fast)))
+           lambda: steps.compile_check(model, x, y, StepPath(dev.type == "cuda", False, fast)))
 
 
 def data(pf) -> None:
@@ -162,55 +165,157 @@ def ddp(pf, enabled: bool = True) -> None:
     _timed(pf, f"DDP (NCCL) over {n} GPUs: masks identical on every rank", lambda: datapath.ddp_check(n))
 
 
-def cost(pf, repeats: int = 5) -> dict:
-    """Memory check and step times per distinct network of the grid, then the projection."""
+def _kind(s) -> str:
+    return {"full": "Fixed-Full", "prev": "Fixed-Prev", "random": "Fixed-Random", "learned": "Learned"}[s.connectivity]
+
+
+def _median(t: dict | None) -> float:
+    return t["median"] if t and "median" in t else 0.0
+
+
+def _timing_rows(times: dict, loaders: dict, probes: dict) -> list[tuple[str, dict]]:
+    """(what, record) of every timing of the cost check, for the verdict on whether they were disturbed."""
+    rows = []
+    for t in times.values():
+        for phase, p in (t.get("phases") or {}).items():
+            rows += [(f"{t['label']} {phase} training step", p["train_step"]), (f"{t['label']} {phase} evaluation pass", p["eval_pass"])]
+        if t.get("checkpoint"):
+            rows.append((f"{t['label']} checkpoint", t["checkpoint"]))
+        if t.get("finish"):
+            rows.append((f"{t['label']} end of run", t["finish"]))
+    for (ds, *_), lt in loaders.items():
+        for part in ("train_batch", "test_batch"):
+            if part in lt:
+                rows.append((f"{ds} loader {part.replace('_', ' ')}", lt[part]))
+    for (ds, *_), pr in probes.items():
+        if "load" in pr:
+            rows.append((f"{ds} start-up probe", pr))
+    return rows
+
+
+def cost(pf, repeats: int = 20) -> dict:
+    """Memory check and, per distinct network of the grid, the timings that price its runs (cost.py),
+    the data path's batches, one start-up probe per dataset, then the projection; a row says whether
+    the timings can be trusted."""
+    from . import startup
+    from .timing import disturbance
+
     dev = pf.device
+    scratch = (pf.out or Path("results/preflight") / pf.grid.name) / ".timing"
     times: dict = {}
+    loaders: dict = {}
+    probes: dict = {}
     for p in pf.plans:
         key = p.model_key
         if key in times:
             continue
         s = p.spec
         precision = Precision.for_device(dev, amp=p.amp, channels_last=p.channels_last)
-        kind = {"full": "Fixed-Full", "prev": "Fixed-Prev", "random": "Fixed-Random", "learned": "Learned"}[s.connectivity]
         width = f" width {s.stage_width}" if s.stage_width else ""
-        label = f"{s.dataset} {arch_label(s.arch)}{width} {kind}, batch {p.batch}"
+        label = f"{s.dataset} {arch_label(s.arch)}{width} {_kind(s)}, batch {p.batch}"
         mem = _timed(pf, f"memory: {label}", lambda: C.memory_check(s, p.batch, dev, precision))
-        if mem["passed"] and not mem.get("error"):
-            t0, threads = time.perf_counter(), torch.get_num_threads()
-            if dev.type == "cpu":
-                torch.set_num_threads(max(1, p.run.threads))  # as the job will run
-            try:
-                times[key] = {"label": label, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-                              **C.step_times(s, p.batch, dev, precision, repeats=repeats, eval_batch=p.eval_batch,
-                                             compile=p.compile)}
-            except Exception as e:  # noqa: BLE001 - recorded, and the projection says it is missing
-                times[key] = {"label": label, "error": f"{type(e).__name__}: {e}"}
-            finally:
-                torch.set_num_threads(threads)
-            times[key]["seconds"] = time.perf_counter() - t0
-        else:
+        if not mem["passed"] or mem.get("error"):
             times[key] = {"label": label, "error": "did not fit in memory"}
-    runs, parts = [], {}
+            continue
+        t0, threads = time.perf_counter(), torch.get_num_threads()
+        if dev.type == "cpu":
+            torch.set_num_threads(max(1, p.run.threads))  # as the job will run
+        syn = dict(p.run.train).get("synthetic") or None
+        try:
+            phases, (model, opt, sched) = C.phase_times(p, dev, precision, repeats=repeats)
+            first = phases[C.phases_of(p)[0]]
+            times[key] = {"label": label, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+                          "batch": p.batch, "eval_batch": p.eval_batch, "repeats": repeats,
+                          "train_step_s": first["train_step"]["median"], "eval_step_s": first["eval_pass"]["median"],
+                          "phases": phases,
+                          "checkpoint": C.checkpoint_time(p, model, opt, sched, dev, scratch / "checkpoint"),
+                          "finish": C.finish_time(p, model, dev, scratch / "finish")}
+            del model, opt, sched
+            lkey = (s.dataset, p.batch, p.eval_batch, p.run.threads)
+            if lkey not in loaders:
+                loaders[lkey] = datapath.loader_times(s.dataset, dev, p.batch, p.eval_batch, repeats=repeats,
+                                                      data_dir=p.cfg.data_dir, workers=p.cfg.workers, synthetic=syn)
+            pkey = (s.dataset, p.run.threads, p.cfg.track)
+            if pkey not in probes:
+                probes[pkey] = startup.probe(dataset=s.dataset, batch=p.batch, eval_batch=p.eval_batch,
+                                             device=dev.type, threads=p.run.threads, track=p.cfg.track,
+                                             data_dir=p.cfg.data_dir, workers=p.cfg.workers, synthetic=syn)
+        except Exception as e:  # noqa: BLE001 - recorded, and the projection says it is missing
+            times[key] = {"label": label, "error": f"{type(e).__name__}: {e}"}
+        finally:
+            torch.set_num_threads(threads)
+        times[key]["seconds"] = time.perf_counter() - t0
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    disturbed = [f"{what}: {'; '.join(why)}" for what, t in _timing_rows(times, loaders, probes) for why in [disturbance(t)] if why]
+    n_timings = len(_timing_rows(times, loaders, probes))
+    pf.add("cost: timings undisturbed", {
+        "passed": not disturbed, "timings": n_timings, "disturbed": disturbed,
+        **({"advice": f"{len(disturbed)} of {n_timings} timings were disturbed, so the projection below is not to be "
+                      f"trusted ({disturbed[0]}{'; ...' if len(disturbed) > 1 else ''}): rerun the preflight when "
+                      "the machine is quiet"} if disturbed else {})}, 0.0)
+
+    runs, parts, jobs = [], {}, {}
+    gpus_here = torch.cuda.device_count() if dev.type == "cuda" else 0
+    capacity = gpus_here if dev.type == "cuda" else (os.cpu_count() or 1)
     for p in pf.plans:
         t = times[p.model_key]
         syn = dict(p.run.train).get("synthetic") or {}
-        h = (C.run_hours(p.spec.dataset, p.epochs, p.batch, p.eval_batch, p.run.gpus, t,
-                         syn.get("train_size"), syn.get("test_size")) if "train_step_s" in t else None)
-        gpus = max(p.run.gpus, 1)
-        runs.append({"run": p.run.run_id, "grid": p.run.grid, "gpus": p.run.gpus, "epochs": p.epochs, "batch": p.batch,
-                     "hours": h, "device_hours": None if h is None else h * gpus, "model": t["label"]})
+        row = {"run": p.run.run_id, "grid": p.run.grid, "gpus": p.run.gpus, "threads": p.run.threads,
+               "epochs": p.epochs, "freeze_epoch": p.cfg.freeze_epoch if p.spec.connectivity == "learned" else None,
+               "batch": p.batch, "model": t["label"], "hours": None, "device_hours": None}
+        if "phases" in t:
+            lt = loaders[(p.spec.dataset, p.batch, p.eval_batch, p.run.threads)]
+            pr = probes[(p.spec.dataset, p.run.threads, p.cfg.track)]
+            steps, evals = C.step_counts(p.spec.dataset, p.batch, p.eval_batch, p.run.gpus, syn.get("train_size"),
+                                         syn.get("test_size"))
+            phases = {name: {"train_step_s": ph["train_step"]["median"], "eval_step_s": ph["eval_pass"]["median"],
+                             "loader_s": _median(lt.get("train_batch")), "test_loader_s": _median(lt.get("test_batch")),
+                             "warmup_s": ph["warmup_s"]} for name, ph in t["phases"].items()}
+            first = next(iter(t["phases"].values()))
+            per_run = {k: pr.get(k, 0.0) or 0.0 for k in ("interpreter_s", "import_s", "device_init_s", "data_s")}
+            per_run.update(tracker_s=(pr.get("tracker_start_s") or 0.0) + (pr.get("tracker_finish_s") or 0.0),
+                           model_build_s=first["model_build_s"], finish_s=t["finish"]["seconds"])
+            epoch_end = {"checkpoint_s": t["checkpoint"]["median"], "tracker_epoch_s": pr.get("tracker_epoch_s") or 0.0}
+            priced = C.price_run(epochs=p.epochs, freeze_epoch=p.cfg.freeze_epoch, steps=steps, evals=evals,
+                                 phases=phases, epoch_end=epoch_end, per_run=per_run,
+                                 asynchronous_loader=bool(lt.get("asynchronous")))
+            h = priced["seconds"] / 3600
+            row.update(steps=steps, evals=evals, phases=priced["phases"], epoch_end_s=epoch_end,
+                       per_run_s=priced["per_run_s"], loop_s=priced["loop_s"], seconds=priced["seconds"],
+                       hours=h, device_hours=h * max(p.run.gpus, 1))
+        runs.append(row)
         agg = parts.setdefault(p.run.grid, {"runs": 0, "hours": 0.0, "device_hours": 0.0, "missing": 0})
         agg["runs"] += 1
-        if h is None:
+        if row["hours"] is None:
             agg["missing"] += 1
         else:
-            agg["hours"] += h
-            agg["device_hours"] += h * gpus
+            agg["hours"] += row["hours"]
+            agg["device_hours"] += row["device_hours"]
+            units = max(p.run.gpus, 1) if dev.type == "cuda" else min(max(1, p.run.threads), capacity)
+            jobs.setdefault(p.run.grid, []).append((row["seconds"], units))
+    for part, agg in parts.items():
+        wall = C.grid_wall_s(jobs.get(part, []), capacity)
+        agg["wall_hours"] = None if wall is None else wall / 3600
+    walls = C.grid_wall_s([j for js in jobs.values() for j in js], capacity)
     total = {"runs": len(runs), "hours": sum(a["hours"] for a in parts.values()),
              "device_hours": sum(a["device_hours"] for a in parts.values()),
+             "wall_hours": None if walls is None else walls / 3600,
              "missing": sum(a["missing"] for a in parts.values())}
+    if dev.type == "cuda":
+        concurrency = (f"{capacity} GPU(s) on this node, each run on its own GPUs (run.gpus); a run that needs more GPUs "
+                       "than the node has gets no wall time")
+    else:
+        concurrency = f"{capacity} CPUs: each job takes its threads (run.threads), as many jobs at once as fit"
     return {"device": str(dev), "unit": "GPU-hours" if dev.type == "cuda" else "CPU-hours",
-            "method": "median measured step times x (epochs x (training steps + evaluation passes)); data loading and "
-                      "checkpoints not counted; multi-GPU runs: hours x GPUs",
-            "models": list(times.values()), "runs": runs, "parts": parts, "total": total}
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "repeats": repeats,
+            "method": "per run: epochs of each phase x (training steps x (step + loader batch) + evaluation passes x "
+                      "(evaluation pass + test batch) + checkpoint and tracker per epoch) + start-up, data loading, model "
+                      "build, warm-up (compile), tracker and end of run (medians of timings on this device; learned runs: "
+                      "the joint epochs at the learned step, the fine-tune epochs at the frozen model's); multi-GPU runs: "
+                      "device-hours = hours x GPUs; wall: the grid's runs in order, as many at once as the concurrency allows",
+            "concurrency": {"capacity": capacity, "what": concurrency},
+            "disturbed": disturbed, "models": list(times.values()),
+            "loaders": [{"dataset": k[0], **v} for k, v in loaders.items()],
+            "startup": [{"dataset": k[0], "threads": k[1], "tracked": k[2], **v} for k, v in probes.items()],
+            "runs": runs, "parts": parts, "total": total}

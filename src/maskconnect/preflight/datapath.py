@@ -6,6 +6,9 @@
   drawn flips, normalise. Where the dataset's files are not here (a GPU box that downloads CIFAR in
   the pipeline's prepare_data step, or no network), the same code runs on stand-in images of the
   dataset's shape and dtype, and the record says so.
+* Throughput (``loader_times``): one training batch and one test batch as the run's bundle serves
+  them at the grid's batch, timed like the steps (the real files where they are here, else the
+  stand-in images: the device-resident loader's cost per batch does not depend on what the images show).
 * DDP: with more than one GPU visible, a few training steps under DistributedDataParallel (NCCL), one
   process per GPU; the masks must be identical on every rank afterwards (every rank draws from the same
   seeded RNG, and the mask gradients are all-reduced).
@@ -29,20 +32,22 @@ FLIP = {"digits": False, "cifar10": True, "cifar100": True, "synthetic": False}
 BATCHES = 3
 
 
-def _bundle(dataset: str, device: torch.device, batch: int, data_dir: str | None) -> tuple[TensorDataBundle, str]:
+def _bundle(dataset: str, device: torch.device, batch: int, data_dir: str | None,
+            eval_batch: int | None = None) -> tuple[TensorDataBundle, str]:
     """The run's bundle on ``device``, or one over stand-in images of the dataset's shape."""
+    eval_batch = eval_batch or batch
     try:
-        return build_data(dataset, data_dir=data_dir, batch_size=batch, device=device, seed=0,
-                          download=False), "the dataset's files"
+        return build_data(dataset, data_dir=data_dir, batch_size=batch, eval_batch_size=eval_batch, device=device,
+                          seed=0, download=False), "the dataset's files"
     except MaskConnectError as e:
         info = DATASETS[dataset]
         g = torch.Generator().manual_seed(0)
-        n = 4 * batch + 3
+        n = max(4 * batch + 3, eval_batch)
         x = torch.randint(0, 256, (n, info.in_channels, info.image_size, info.image_size), generator=g, dtype=torch.uint8)
         y = torch.randint(0, info.num_classes, (n,), generator=g)
         mean, std = [120.0] * info.in_channels, [60.0] * info.in_channels
-        bundle = TensorDataBundle(info, x, y, x[:batch], y[:batch], mean=mean, std=std, pad=PAD[dataset],
-                                  flip=FLIP[dataset], batch_size=batch, eval_batch_size=batch, device=device,
+        bundle = TensorDataBundle(info, x, y, x[:eval_batch], y[:eval_batch], mean=mean, std=std, pad=PAD[dataset],
+                                  flip=FLIP[dataset], batch_size=batch, eval_batch_size=eval_batch, device=device,
                                   seed=0, augment=True)
         return bundle, f"stand-in images of the dataset's shape ({str(e).splitlines()[0]})"
 
@@ -90,6 +95,41 @@ def _imagefolder_check(device: torch.device, batch: int, data_dir: str | None) -
     diff = float((x1.cpu() - x2).abs().max())
     return {"passed": diff <= 1e-5 and torch.equal(y1.cpu(), y2), "max_abs_difference": diff, "bound": 1e-5,
             "path": "DataLoader, 2 workers", "reference": "the same dataset read in this process"}
+
+
+def _cycle(batches):
+    """Endless batches: ``batches(epoch)`` for epoch 0, 1, ..."""
+    epoch = 0
+    while True:
+        yield from batches(epoch)
+        epoch += 1
+
+
+def loader_times(dataset: str, device: torch.device, batch: int, eval_batch: int, *, repeats: int,
+                 data_dir: str | None = None, workers: int = 4, synthetic: dict | None = None) -> dict:
+    """Seconds per training batch and per test batch of the run's bundle (``timing.time_calls`` records),
+    its source, and whether it loads asynchronously (a DataLoader with workers: ImageNet)."""
+    from .timing import time_calls
+
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if dataset == "imagenet":
+        try:
+            bundle = build_data("imagenet", data_dir=data_dir, batch_size=batch, eval_batch_size=eval_batch,
+                                device=device, seed=0, workers=workers)
+        except MaskConnectError as e:
+            return {"skipped": f"no ImageNet here ({str(e).splitlines()[0]}): data loading not priced"}
+        source, asynchronous = "the dataset's files", workers > 0
+    elif dataset == "synthetic":
+        bundle = build_data("synthetic", batch_size=batch, eval_batch_size=eval_batch, device=device, seed=0,
+                            synthetic=synthetic or None)
+        source, asynchronous = "synthetic tensors", False
+    else:
+        bundle, source = _bundle(dataset, device, batch, data_dir, eval_batch)
+        asynchronous = False
+    train, test = _cycle(bundle.train_batches), _cycle(lambda _: bundle.test_batches())
+    return {"source": source, "asynchronous": asynchronous, "batch": batch, "eval_batch": eval_batch,
+            "train_batch": time_calls(lambda: next(train), device, warmup=1, repeats=repeats, threads=threads),
+            "test_batch": time_calls(lambda: next(test), device, warmup=1, repeats=max(3, repeats // 2), threads=threads)}
 
 
 # --- DDP -------------------------------------------------------------------------------------------

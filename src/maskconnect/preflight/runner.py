@@ -15,8 +15,9 @@ from ..io import atomic_write_json, atomic_write_text, check_output_dir
 from ..training.device import resolve_device
 from ..specs import MASKED, ModelSpec
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: every timing's spread and load, per-phase and per-run pricing, the grid's wall time
 DEFAULT_OUT = "results/preflight"
+DEFAULT_TIME_STEPS = 20
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RunPlan:
     compile: bool
     amp: bool | None
     channels_last: bool | None
+    cfg: object = None  # the run's resolved TrainConfig (freeze epoch, optimiser, mask rule, tracking)
 
     @property
     def model_key(self) -> tuple:
@@ -71,7 +73,7 @@ def plan_runs(grid: G.Grid) -> list[RunPlan]:
                           fan_in=run.fan_in if run.connectivity in MASKED else None, seed=run.seed,
                           recipe=run.recipe, **dict(run.train)).resolved()
         plans.append(RunPlan(run, TrainConfig.spec(cfg), cfg.batch_size, cfg.eval_batch_size, cfg.epochs,
-                             cfg.compile, cfg.amp, cfg.channels_last))
+                             cfg.compile, cfg.amp, cfg.channels_last, cfg))
     return plans
 
 
@@ -85,7 +87,7 @@ def grid_device(grid: G.Grid) -> str:
 
 
 def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = None, *,
-                  compile: bool | None = None, ddp: bool = True, time_steps: int = 5) -> tuple[dict, int]:
+                  compile: bool | None = None, ddp: bool = True, time_steps: int = DEFAULT_TIME_STEPS) -> tuple[dict, int]:
     """Run every check for ``grid_ref`` on ``device``; write the record; return (record, exit code)."""
     from . import checks
 
@@ -96,11 +98,12 @@ def run_preflight(grid_ref: str, device: str = "grid", out: str | Path | None = 
     pf = Preflight(grid, dev, plan_runs(grid), out=out)
     env_ok = checks.environment(pf)
     if env_ok:
+        from ..training.device import configure_cudnn, tune_cpu_allocator
+
+        configure_cudnn()  # as training sets it
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if dev.type == "cpu":
-            from ..training.device import tune_cpu_allocator
-
             tune_cpu_allocator()
         checks.correctness(pf, compile=compile)
         checks.data(pf)

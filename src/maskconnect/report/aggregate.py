@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..experiments import Grid, config_of, load_grid
+from .projection import find_records, projected_vs_measured
 
 
 def _read_json(path: Path):
@@ -34,7 +35,9 @@ def collect(grid: Grid | str, part: str | None = None) -> dict:
     ``runs``: per run, the final top-1/top-5 (metrics.json), the pruned model's top-1 and the
     parameters and FLOPs before and after pruning (eval.json). ``configs``: per configuration
     (dataset, model, connectivity, K), the number of seeds and the mean, sample std and best of
-    top-1. ``missing``: runs of the grid with no complete metrics.json.
+    top-1. ``missing``: runs of the grid with no complete metrics.json. ``timing``: per configuration,
+    the preflight's projected time against the runs' measured one (:mod:`.projection`), runs in
+    progress included.
     """
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
@@ -68,5 +71,6 @@ def collect(grid: Grid | str, part: str | None = None) -> dict:
                            "params_train": rows[0].get("params_train"), "params_test": _mean_std(
                                [r.get("params_test") for r in rows])[0],
                            "flops": rows[0].get("flops")}
+    timing = projected_vs_measured(runs, find_records([part, grid.name]))
     return {"grid": part, "runs_expected": len(runs), "runs_complete": len(per_run), "missing": missing,
-            "configs": configs, "runs": per_run}
+            "configs": configs, "runs": per_run, "timing": timing}

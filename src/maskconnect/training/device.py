@@ -1,5 +1,5 @@
-"""The device a run trains on: ``--device`` resolved, and the CPU's allocator tuned for the masked
-model's large tensors."""
+"""The device a run trains on: ``--device`` resolved, the CPU's allocator tuned for the masked
+model's large tensors, and cuDNN's algorithm choice (one setting for training, the preflight and bench/)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,20 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+# cuDNN times its convolution algorithms for each new input shape and keeps the fastest (a CIFAR run
+# has three shapes: the batch, the epoch's last batch, the evaluation batch). Training, the preflight
+# that projects its hours and bench/ all run with this one value, so their step times agree. It
+# changes which kernel computes a convolution on CUDA (not the function; summation order may differ
+# from run to run), and nothing on a CPU.
+CUDNN_BENCHMARK = True
+
+
+def configure_cudnn() -> bool:
+    """Set ``torch.backends.cudnn.benchmark`` to :data:`CUDNN_BENCHMARK`; returns it."""
+    torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
+    return CUDNN_BENCHMARK
 
 
 def resolve_device(name: str = "auto", *, require_available: bool = True) -> torch.device:

@@ -38,7 +38,7 @@ from . import rundir
 from .rundir import State
 from .config import TrainConfig
 from .ddp import Distributed, cleanup_distributed, epoch_means, init_distributed, wrap_ddp
-from .device import resolve_device, tune_cpu_allocator
+from .device import configure_cudnn, resolve_device, tune_cpu_allocator
 from .progress import Progress
 from .schedule import build_optimizer, joint_phase_over, phase, scaled_lr
 from .step import Precision, evaluate, train_step
@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, *, replace: bool = False, callbacks: Sequence[Callba
     cfg = cfg.resolved()
     dist = Distributed.from_env()
     device = resolve_device(cfg.device)
+    configure_cudnn()
     if device.type == "cpu":
         tune_cpu_allocator()
     if dist.world > 1:

@@ -256,6 +256,19 @@ def save_checkpoint(out: Path, state: dict) -> None:
     atomic_torch_save(out / CHECKPOINT, state)
 
 
+def write_checkpoint(out: Path, cfg, world: int, state: State, model, optimizer, scheduler, device: torch.device,
+                     wall: float) -> None:
+    """What the training loop writes after each epoch: history.csv, then the checkpoint of the model, the
+    optimiser, the LR schedule, the RNG and the run's state (the one before it kept)."""
+    write_history(out, state.history)  # before the checkpoint; resume rewrites it
+    save_checkpoint(out, {
+        "epoch": state.epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": rng_state(device), "history": state.history,
+        "best": state.best, "wall_time_s": wall, "config": asdict(cfg), "world": world,
+        "code_history": state.code_history,
+    })
+
+
 def _rotate_checkpoint(out: Path) -> None:
     """checkpoint.pt becomes checkpoint.prev.pt (atomically; checkpoint.pt stays until the new one replaces it)."""
     latest, previous = out / CHECKPOINT, out / PREVIOUS
@@ -444,13 +457,7 @@ class RunDirectory:
 
     def checkpoint(self, state: State, model, optimizer, scheduler, device: torch.device, wall: float) -> None:
         """history.csv, then the checkpoint (the one before it kept): what a rerun resumes from."""
-        write_history(self.out, state.history)  # before the checkpoint; resume rewrites it
-        save_checkpoint(self.out, {
-            "epoch": state.epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(device), "history": state.history,
-            "best": state.best, "wall_time_s": wall, "config": asdict(self.cfg), "world": self.dist.world,
-            "code_history": state.code_history,
-        })
+        write_checkpoint(self.out, self.cfg, self.dist.world, state, model, optimizer, scheduler, device, wall)
 
     def resume(self, model, optimizer, scheduler, device: torch.device) -> State:
         """Load the latest readable checkpoint (checkpoint.pt, else checkpoint.prev.pt) into the model, the
