@@ -47,6 +47,20 @@ def _failed_besides_timing(rec: dict) -> list[str]:
     return [n for n in _failed(rec) if n != "cost: timings undisturbed"]
 
 
+def test_a_network_the_cost_check_cannot_time_fails_the_preflight_and_names_the_reason(tmp_path, monkeypatch):
+    from maskconnect.preflight import cost
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the step raised")
+    monkeypatch.setattr(cost, "phase_times", broken)
+    code, rec = _preflight(tmp_path, "--grid", "demo", "--device", "cpu", "--time-steps", "2", "--no-compile")
+    assert code == 1 and not rec["passed"]
+    check = next(c for c in rec["checks"] if c["name"] == "cost: every network timed")
+    assert not check["passed"] and len(check["failed"]) == 3 and "RuntimeError: the step raised" in check["failed"][0]
+    assert rec["projection"]["total"]["missing"] == 18
+    assert "RuntimeError: the step raised" in (tmp_path / "pf" / "preflight.md").read_text()
+
+
 def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_path):
     code, rec = _preflight(tmp_path, "--grid", "demo", "--device", "cpu")
     assert _failed_besides_timing(rec) == [] and code == (0 if rec["passed"] else 1)

@@ -255,6 +255,12 @@ def cost(pf, repeats: int = 20) -> dict:
                       f"trusted ({disturbed[0]}{'; ...' if len(disturbed) > 1 else ''}): rerun the preflight when "
                       "the machine is quiet"} if disturbed else {})}, 0.0)
 
+    failed = [f"{t['label']}: {t['error']}" for t in times.values() if t.get("error")]
+    if failed:
+        pf.add("cost: every network timed", {
+            "passed": False, "failed": failed,
+            "advice": f"{len(failed)} network(s) could not be timed, so their runs have no projection ({failed[0]})"}, 0.0)
+
     runs, parts, jobs = [], {}, {}
     gpus_here = torch.cuda.device_count() if dev.type == "cuda" else 0
     capacity = gpus_here if dev.type == "cuda" else (os.cpu_count() or 1)

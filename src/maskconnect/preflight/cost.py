@@ -221,11 +221,12 @@ def finish_time(plan, model, device: torch.device, scratch: Path) -> dict:
     """The end of a run, by running it: ``training.loop.finish_run`` (freeze, prune, count FLOPs, write
     masks.json, pruned.pt and metrics.json) on the timed model, into ``scratch``; one call."""
     from ..training.loop import finish_run
+    from ..provenance import code_state
     from .timing import load_window, machine_state
 
     scratch.mkdir(parents=True, exist_ok=True)
     start = machine_state()
-    finish_run(plan.cfg, model, plan.spec, _state(plan), device, scratch, None)
+    finish_run(plan.cfg, model, plan.spec, _state(plan), device, scratch, code_state("train"))
     end = machine_state()
     return {"seconds": round(end["t"] - start["t"], 4), "repeats": 1, "load": load_window(start, end, _threads(device))}
 
