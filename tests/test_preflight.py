@@ -55,10 +55,24 @@ def test_a_network_the_cost_check_cannot_time_fails_the_preflight_and_names_the_
     monkeypatch.setattr(cost, "phase_times", broken)
     code, rec = _preflight(tmp_path, "--grid", "demo", "--device", "cpu", "--time-steps", "2", "--no-compile")
     assert code == 1 and not rec["passed"]
-    check = next(c for c in rec["checks"] if c["name"] == "cost: every network timed")
+    check = next(c for c in rec["checks"] if c["name"] == "cost: every part timed")
     assert not check["passed"] and len(check["failed"]) == 3 and "RuntimeError: the step raised" in check["failed"][0]
     assert rec["projection"]["total"]["missing"] == 18
     assert "RuntimeError: the step raised" in (tmp_path / "pf" / "preflight.md").read_text()
+
+
+def test_a_start_up_probe_whose_tracker_fails_fails_the_cost_check(tmp_path, monkeypatch):
+    """The MLflow run's start and end are about 6 s of a 40 s demo run: a probe that could not time them
+    must not leave a projection that silently omits them."""
+    from maskconnect.preflight import startup
+
+    monkeypatch.setattr(startup, "_create_store", lambda uri, env: "the store refused")
+    grid = tmp_path / "cost.yaml"
+    grid.write_text(COST_GRID)
+    code, rec = _preflight(tmp_path, "--grid", str(grid), "--device", "cpu", "--time-steps", "1")
+    check = next(c for c in rec["checks"] if c["name"] == "cost: every part timed")
+    assert code == 1 and not check["passed"]
+    assert check["failed"] == ["digits start-up probe: the probe's MLflow store could not be created (the store refused)"]
 
 
 def test_demo_preflight_on_cpu_passes_and_records_the_checks_and_the_cost(tmp_path):

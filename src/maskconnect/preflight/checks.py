@@ -256,10 +256,13 @@ def cost(pf, repeats: int = 20) -> dict:
                       "the machine is quiet"} if disturbed else {})}, 0.0)
 
     failed = [f"{t['label']}: {t['error']}" for t in times.values() if t.get("error")]
+    failed += [f"{ds} start-up probe: {pr[k]}" for (ds, *_), pr in probes.items() for k in ("error", "tracker_error")
+               if pr.get(k)]
     if failed:
-        pf.add("cost: every network timed", {
+        pf.add("cost: every part timed", {
             "passed": False, "failed": failed,
-            "advice": f"{len(failed)} network(s) could not be timed, so their runs have no projection ({failed[0]})"}, 0.0)
+            "advice": f"{len(failed)} part(s) of the runs could not be timed, so the projection leaves them out "
+                      f"({failed[0]})"}, 0.0)
 
     runs, parts, jobs = [], {}, {}
     gpus_here = torch.cuda.device_count() if dev.type == "cuda" else 0

@@ -22,7 +22,7 @@ def _value(c: dict) -> str:
     if "step_bytes" in c:
         extra = f", largest batch ~{c['largest_batch_estimate']:,}" if c.get("largest_batch_estimate") else ""
         return f"{c['step_bytes'] / 2**20:,.1f} MiB of {c['device_bytes'] / 2**30:,.1f} GiB ({100 * c['fraction']:.2f}%){extra}"
-    if "failed" in c and c.get("name") == "cost: every network timed":
+    if "failed" in c and c.get("name") == "cost: every part timed":
         return "; ".join(c["failed"])
     if "disturbed" in c:
         return f"{c['timings']} timings, none disturbed (each with its spread and load: the cost section)"

@@ -78,7 +78,7 @@ def _create_store(uri: str, env: dict) -> str | None:
     """Create the throw-away store in its own process (so the probe's mlflow import is cold); the
     reason it could not, or None."""
     code = ("import sys; from maskconnect.tracking import ensure_store; "
-            "ensure_store(sys.argv[1], strict=True)")
+            "ensure_store(sys.argv[1])")
     r = subprocess.run([sys.executable, "-c", code, uri], env=env, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         return (r.stderr.strip().splitlines() or ["failed"])[-1]
