@@ -563,28 +563,86 @@ def test_dvc_plots_overlay_the_runs_of_each_configuration_and_the_k_effect():
     assert yaml.safe_load(text)["plots"] == G.dvc_plots(grid)
 
 
-def test_compact_summary_values(tmp_path):
-    """Mean, 95% Student-t half-width (scipy, computed here), n and parameters per configuration; the
-    K-effect CSVs list each K's mean; a configuration with no complete run is written with n = 0."""
+def _demo_runs(root: Path, skip=lambda r: False) -> dict[str, float]:
+    """A metrics.json (and, for seed 0, an eval.json) in every run directory of the demo grid under
+    ``root`` (the working folder), with top-1s that give non-round means and intervals."""
+    grid = G.load_grid("demo")
+    top1 = {0: 90.0, 1: 92.125, 2: 97.3}
+    made = {}
+    for r in grid.runs:
+        if skip(r):
+            continue
+        d = root / r.run_dir
+        d.mkdir(parents=True)
+        value = top1[r.seed] + (r.fan_in or 8) / 3
+        (d / "metrics.json").write_text(json.dumps({
+            "status": "complete", "dataset": "digits", "arch": "20,4,8", "connectivity": r.connectivity,
+            "fan_in": r.fan_in, "seed": r.seed, "top1": value, "top5": 99.0, "best_top1": value,
+            "params_train": 273_123, "params_test": 200_000 + 7 * r.seed, "flops": 5_000_000, "epochs": 18,
+            "wall_time_s": 30.0 + r.seed, "stage_width": 32}))
+        if r.seed == 0:
+            (d / "eval.json").write_text(json.dumps({"model": {"test_top1": value}, "pruned": {"test_top1": value - 1},
+                                                     "params_train": 273_123, "params_test": 200_000,
+                                                     "flops_test": 4_000_000}))
+        made[r.run_id] = value
+    return made
+
+
+def test_compact_summary_values(tmp_path, monkeypatch):
+    """Mean, 95% Student-t half-width (scipy, computed here), n and parameters per configuration, from
+    the run directories through grid collect; the K-effect CSVs list each K's mean; a configuration with
+    no complete run is written with n = 0."""
     from scipy import stats
 
+    from maskconnect.report.aggregate import collect
     from maskconnect.report.compact import write_summary
 
+    monkeypatch.chdir(tmp_path)
+    top1 = _demo_runs(tmp_path, skip=lambda r: r.connectivity == "random" and r.fan_in == 4)  # not complete yet
     grid = G.load_grid("demo")
-    top1 = {0: 90.0, 1: 92.0, 2: 97.0}
-    runs = {}
-    for r in grid.runs:
-        if r.connectivity == "random" and r.fan_in == 4:
-            continue  # not complete yet
-        runs[r.run_id] = {"top1": top1[r.seed] + r.fan_in, "params_train": 273_000, "params_test": 200_000}
-    configs = {G.config_of(rid): {"params_train": 273_000, "params_test": 200_000} for rid in runs}
-    write_summary(grid, "demo", {"configs": configs, "runs": runs}, tmp_path)
-    m = json.loads((tmp_path / "digits-20-4-8-learned-K2.json").read_text())
-    values = [92.0, 94.0, 99.0]
+    collected = collect(grid)
+    assert collected["runs_complete"] == 15 and len(collected["missing"]) == 3
+    run = collected["runs"]["digits/20-4-8/learned-K2/seed0"]
+    assert run["eval_top1"] == top1["digits/20-4-8/learned-K2/seed0"] and run["pruned_top1"] == run["eval_top1"] - 1
+    assert run["flops_test"] == 4_000_000 and collected["runs"]["digits/20-4-8/learned-K2/seed1"]["pruned_top1"] is None
+    write_summary(grid, "demo", collected, tmp_path / "summary")
+    m = json.loads((tmp_path / "summary" / "digits-20-4-8-learned-K2.json").read_text())
+    values = [top1[f"digits/20-4-8/learned-K2/seed{s}"] for s in (0, 1, 2)]
     half = stats.t.ppf(0.975, 2) * stats.tstd(values) / 3 ** 0.5
-    assert m == {"top1": pytest.approx(95.0, abs=1e-3), "ci95": pytest.approx(half, abs=1e-3), "n": 3,
-                 "params_train_M": 0.273, "params_test_M": 0.2}
-    assert json.loads((tmp_path / "digits-20-4-8-random-K4.json").read_text())["n"] == 0
-    rows = (tmp_path / "keffect-digits-20-4-8-learned.csv").read_text().splitlines()
+    params_test = (200_000 + 200_007 + 200_014) / 3  # seed 0's from eval.json
+    assert m == {"top1": round(sum(values) / 3, 3), "ci95": round(half, 3), "n": 3, "params_train_M": 0.2731,
+                 "params_test_M": round(params_test / 1e6, 4)}
+    assert json.loads((tmp_path / "summary" / "digits-20-4-8-random-K4.json").read_text())["n"] == 0
+    rows = (tmp_path / "summary" / "keffect-digits-20-4-8-learned.csv").read_text().splitlines()
     assert rows[0] == "K,top1,ci95,n" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "4"]
-    assert [r.split(",")[0] for r in (tmp_path / "keffect-digits-20-4-8-random.csv").read_text().splitlines()[1:]] == ["2"]
+    assert rows[2] == f"2,{m['top1']},{m['ci95']},3"
+    random_rows = (tmp_path / "summary" / "keffect-digits-20-4-8-random.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in random_rows] == ["2"]
+
+
+def test_dvc_metrics_k_effect_csvs_and_tables_agree_to_the_last_digit(tmp_path, monkeypatch):
+    """One summary: the DVC metrics files and the K-effect CSVs of grid collect, and the report's
+    summary.csv and tables, made from the same demo run directories, show the same numbers."""
+    from maskconnect.cli import main
+    from maskconnect.report import build_report
+
+    monkeypatch.chdir(tmp_path)
+    _demo_runs(tmp_path)
+    assert main(["grid", "collect", "--grid", "demo", "--out", "m.json", "--summary-dir", "summary"]) == 0
+    build_report(tmp_path / "results", tmp_path / "report", grid="demo")
+    with open(tmp_path / "report" / "summary.csv", newline="") as f:
+        summary = {(r["connectivity"], int(r["fan_in"])): r for r in csv.DictReader(f)}
+    markdown = "\n".join(p.read_text() for p in (tmp_path / "report" / "tables").rglob("*.md"))
+    checked = 0
+    for path in sorted((tmp_path / "summary").glob("digits-20-4-8-*.json")):
+        conn, k = path.stem.rsplit("-", 2)[1:]
+        dvc, row = json.loads(path.read_text()), summary[(conn, int(k[1:]))]
+        assert dvc["top1"] == round(float(row["top1_mean"]), 3) and dvc["n"] == int(row["n"])
+        assert dvc["ci95"] == round(float(row["top1_ci95"]), 3)
+        assert dvc["params_test_M"] == round(float(row["params_test_M"]), 4)
+        with open(tmp_path / "summary" / f"keffect-digits-20-4-8-{conn}.csv", newline="") as f:
+            series = {int(r["K"]): r for r in csv.DictReader(f)}
+        assert series[int(k[1:])] == {"K": k[1:], "top1": str(dvc["top1"]), "ci95": str(dvc["ci95"]), "n": str(dvc["n"])}
+        assert f"{float(row['top1_mean']):.2f} ± {float(row['top1_ci95']):.2f}" in markdown
+        checked += 1
+    assert checked == 6

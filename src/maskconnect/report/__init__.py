@@ -1,6 +1,6 @@
 """Reports: tables, figures and the claims check, rebuilt from run directories alone.
 
-Reads only what docs/run_format.md promises (metrics.json, history.csv, masks.json); never imports
+Reads only what docs/run_format.md promises (metrics.json, eval.json, history.csv, masks.json); never imports
 torch or mlflow. Needs the ``report`` extra (pandas, scipy, seaborn, matplotlib, jinja2); this
 module itself imports none of them until a report is built. The command line is
 :mod:`maskconnect.cli.report`.
@@ -14,8 +14,11 @@ writes under the output folder:
   figures/<name>.{png,pdf}     fan-in sweep, learned connectivity graphs, training curves
 With several grids under the results folder, tables and figures go to a sub-folder per grid.
 
-Modules: paper (the paper's numbers), stats (t intervals, Welch), runs (collect run directories),
-tables, figures, claims (REPORT.md), build (all of it).
+Modules: paper (the paper's numbers), stats (t intervals, Welch), runs (the runs table: one row per
+run directory), tables (``summarize``: the one summary, one row per configuration, and the tables),
+figures, claims (REPORT.md), build (all of it); for ``maskconnect grid collect``: aggregate (the grid's
+results JSON, its configurations rows of the same summary), compact (DVC's metrics files and K-effect
+CSVs from it) and projection (the preflight's projected time against the measured one).
 """
 
 from __future__ import annotations

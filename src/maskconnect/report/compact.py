@@ -16,25 +16,22 @@ from pathlib import Path
 
 from .. import experiments as G
 from ..io import atomic_write_json, atomic_write_text
-from .stats import t_interval
 
 
-def _millions(x) -> float | None:
-    return None if x is None else round(float(x) / 1e6, 4)
+def _round(x, digits: int):
+    return None if x is None else round(float(x), digits)
 
 
 def config_summary(collected: dict) -> dict[str, dict]:
-    """configuration -> {top1, ci95, n, params_train_M, params_test_M} from :func:`.aggregate.collect`'s result."""
+    """configuration -> {top1, ci95, n, params_train_M, params_test_M}: :func:`.aggregate.collect`'s
+    ``configs`` (rows of :func:`.tables.summarize`), rounded for ``dvc metrics show``."""
     out = {}
     for config, c in collected["configs"].items():
-        top1 = [r["top1"] for rid, r in collected["runs"].items()
-                if G.config_of(rid) == config and isinstance(r.get("top1"), (int, float))]
-        if not top1:
+        if c.get("top1_mean") is None:
             continue
-        iv = t_interval(top1)
-        out[config] = {"top1": round(iv.mean, 3), "ci95": None if iv.half_width is None else round(iv.half_width, 3),
-                       "n": iv.n, "params_train_M": _millions(c.get("params_train")),
-                       "params_test_M": _millions(c.get("params_test"))}
+        out[config] = {"top1": _round(c["top1_mean"], 3), "ci95": _round(c.get("top1_ci95"), 3), "n": c["seeds"],
+                       "params_train_M": _round(c.get("params_train_M"), 4),
+                       "params_test_M": _round(c.get("params_test_M"), 4)}
     return out
 
 

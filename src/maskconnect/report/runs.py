@@ -1,7 +1,10 @@
-"""Collect finished training runs from a results folder (see docs/run_format.md).
+"""The runs table: every finished training run of a results folder, one row each (docs/run_format.md).
 
-A run is complete when its directory holds ``metrics.json`` with ``"status": "complete"``; that file
-is the only source the report reads for numbers (history.csv and masks.json feed the figures).
+A run is complete when its directory holds ``metrics.json`` with ``"status": "complete"``. Its row is
+that file's numbers, with ``maskconnect evaluate``'s eval.json where the run has one: the model's and
+the pruned model's top-1 (``eval_top1``, ``pruned_top1``), the pruned model's FLOPs (``flops_test``), and
+its parameter and FLOP counts in place of metrics.json's. Every seed statistic of the suite is computed
+from this table by :func:`.tables.summarize` (history.csv and masks.json feed the figures).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from .paper import model_parts, normalize_model
 RUN_COLUMNS = [
     "grid", "dataset", "arch", "depth", "width", "cardinality", "stage_width", "connectivity", "fan_in", "seed",
     "top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test", "masks",
-    "flops", "epochs", "wall_time_s", "device", "git_commits", "git_dirty", "run_id", "path",
+    "flops", "epochs", "wall_time_s", "eval_top1", "pruned_top1", "flops_test", "device", "git_commits", "git_dirty",
+    "run_id", "path",
 ]
+NUMERIC = ["top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test", "masks", "flops",
+           "epochs", "wall_time_s", "eval_top1", "pruned_top1", "flops_test"]
 KEY = ["dataset", "arch", "connectivity", "fan_in", "seed"]
 # A run id has RUN_ID_PARTS parts, dataset/arch/connectivity-K/seedN (maskconnect.experiments.run_id);
 # whatever lies above them under the scanned folder is the grid's name.
@@ -141,11 +147,27 @@ def _row(metrics: Mapping, run_dir: Path, root: Path, grid: str | None) -> dict:
     if grid is None:
         grid = "/".join(rel.parts[:-RUN_ID_PARTS]) if len(rel.parts) > RUN_ID_PARTS else ""
     row = {k: metrics.get(k) for k in RUN_COLUMNS}
+    row.update(_evaluation(run_dir))
     row["git_commits"], row["git_dirty"] = run_code(metrics)
     row.update(grid=grid, dataset=str(metrics["dataset"]), arch=arch, depth=depth, width=width,
                cardinality=card, connectivity=conn, fan_in=int(fan_in), seed=int(metrics["seed"]),
                top1=float(metrics["top1"]), run_id=rel.as_posix(), path=str(run_dir))
     return row
+
+
+def _evaluation(run_dir: Path) -> dict:
+    """eval.json's fields of the runs table (none when the run has no readable eval.json)."""
+    try:
+        ev = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(ev, dict):
+        return {}
+    model = ev.get("model") if isinstance(ev.get("model"), dict) else {}
+    pruned = ev.get("pruned") if isinstance(ev.get("pruned"), dict) else model
+    out = {"eval_top1": model.get("test_top1"), "pruned_top1": pruned.get("test_top1"), "flops_test": ev.get("flops_test")}
+    out.update({k: ev[k] for k in ("params_train", "params_test", "flops") if ev.get(k) is not None})
+    return out
 
 
 def scan_runs(results_dir, grid: str | None = None) -> tuple[pd.DataFrame, list[Skipped]]:
@@ -187,8 +209,7 @@ def scan_runs(results_dir, grid: str | None = None) -> tuple[pd.DataFrame, list[
     for path in df.loc[dup, "path"]:
         skipped.append(Skipped(path, "same grid, dataset, arch, connectivity, K and seed as another run"))
     df = df[~dup].reset_index(drop=True)
-    for col in ("top1", "top5", "best_top1", "best_top5", "test_loss", "params_train", "params_test",
-                "masks", "flops", "epochs", "wall_time_s"):
+    for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in ("fan_in", "seed"):
         df[col] = df[col].astype(int)

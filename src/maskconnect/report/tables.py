@@ -137,7 +137,7 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
     cols = [*GROUP, "n", "seeds", "epochs"]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_ci95", f"{m}_std", f"{m}_best", f"{m}_n"]
-    cols += ["params_train_M", "params_test_M", "diff_vs_baseline", "p_vs_baseline", "p_vs_baseline_reason",
+    cols += ["params_train_M", "params_test_M", "flops", "diff_vs_baseline", "p_vs_baseline", "p_vs_baseline_reason",
              "diff_vs_random", "p_vs_random", "p_vs_random_reason"]
     if runs is None or len(runs) == 0:
         return pd.DataFrame(columns=cols)
@@ -157,6 +157,7 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
                 row[f"{m}_n"] = 0
         row["params_train_M"] = g["params_train"].mean() / 1e6
         row["params_test_M"] = g["params_test"].mean() / 1e6
+        row["flops"] = g["flops"].mean() if "flops" in g else float("nan")
         if conn == "learned":
             base = _baseline(arch)
             refs = {"baseline": (dataset, arch, *base) if base else None, "random": (dataset, arch, "random", int(k))}
