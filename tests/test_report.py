@@ -134,7 +134,7 @@ def test_t_interval_one_seed_all_equal_and_missing_values():
 
 def test_welch_matches_hand_computation():
     a, b = [1, 2, 3, 4], [2, 3, 4, 5, 6]
-    w = welch(a, b)
+    w = welch(t_interval(a), t_interval(b))
     # var a = 5/3, var b = 10/4 = 2.5; se^2 = (5/3)/4 + 2.5/5 = 0.916667, se = 0.957427
     # t = (2.5 - 4) / 0.957427 = -1.566699
     # df = se^4 / ((0.416667^2)/3 + (0.5^2)/4) = 0.840278 / 0.120370 = 6.980769 (Welch-Satterthwaite)
@@ -150,13 +150,15 @@ def test_welch_matches_hand_computation():
 
 
 def test_welch_undefined_cases_say_why():
-    w = welch([75.0], [73.0, 73.5])
+    w = welch(t_interval([75.0]), t_interval([73.0, 73.5]))
     assert w.p is None and w.t is None and "n<2" in w.reason and w.diff == pytest.approx(1.75)
-    w = welch([75.0, 75.0], [73.0, 73.0])
+    w = welch(t_interval([75.0, 75.0]), t_interval([73.0, 73.0]))
     assert w.p is None and "no variance" in w.reason
     # one constant side is a valid Welch test: t = (75 - 73.25) / sqrt(0.125/2) = 7.0
-    w = welch([75.0, 75.0], [73.0, 73.5])
+    w = welch(t_interval([75.0, 75.0]), t_interval([73.0, 73.5]))
     assert w.ok and w.t == pytest.approx(7.0) and w.reason == ""
+    w = welch(None, t_interval([73.0, 73.5]))  # a side with no run
+    assert w.diff is None and w.p is None and "n<2 in a (n=0)" in w.reason
 
 
 # ---- the paper's numbers ----------------------------------------------------------------------------

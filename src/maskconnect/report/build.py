@@ -19,8 +19,9 @@ def _slug(*parts) -> str:
     return "_".join(str(p).replace(",", "-").replace("/", "-") for p in parts)
 
 
-def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tuple[str, str]]:
-    """Every figure for the runs of one grid: (caption, PNG path relative to out_dir)."""
+def _figures(runs, summary, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tuple[str, str]]:
+    """Every figure for the runs of one grid (``summary``: theirs, tables.summarize): (caption, PNG path
+    relative to out_dir)."""
     made = []
 
     def draw(caption, fn, *a, **kw):
@@ -37,7 +38,7 @@ def _figures(runs, fig_dir: Path, out_dir: Path, problems: list[str]) -> list[tu
         varied = g[g["connectivity"].isin(["learned", "random"])]
         if len(varied) and (varied["fan_in"].nunique() >= 2 or g["connectivity"].isin(["full", "prev"]).any()):
             draw(f"Effect of fan-in K: {ds}, {model_label(arch)}", figures.plot_fanin, runs, ds, arch,
-                 fig_dir / f"fanin_{_slug(ds, arch)}")
+                 fig_dir / f"fanin_{_slug(ds, arch)}", summary=summary)
         draw(f"Training curves: {ds}, {model_label(arch)}", figures.plot_history, g,
              fig_dir / f"curves_{_slug(ds, arch)}", title=f"{ds}, {model_label(arch)}")
         learned = g[g["connectivity"] == "learned"]
@@ -92,11 +93,11 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
                 if t.code is not None and t.code.warning():
                     code_warnings.append(f"table `{t.spec.name}`{f' of grid `{name}`' if name else ''} {t.code.warning()}")
                     code.append(f"- **Warning:** {code_warnings[-1]}.")
-        figs = _figures(sub, out_dir / "figures" / sub_dir, out_dir, problems)
+        figs = _figures(sub, summary, out_dir / "figures" / sub_dir, out_dir, problems)
         for _, png in figs:
             for ext in ("png", "pdf"):
                 put(out_dir / Path(png).with_suffix(f".{ext}"))
-        sections[name] = {"runs": sub, "tables": made, "figures": figs}
+        sections[name] = {"runs": sub, "summary": summary, "tables": made, "figures": figs}
     summary = pd.concat(summaries, ignore_index=True).rename(columns={"arch": "model"})
     summary = summary[["grid", *[c for c in summary.columns if c != "grid"]]]
     put(atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False, float_format="%.6g")))

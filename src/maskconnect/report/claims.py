@@ -34,8 +34,8 @@ from .dynamics import dynamics_markdown
 from .paper import (CONNECTIVITY_NAMES, load_reference, model_label, normalize_model, paper_datasets, paper_stage_width,
                     paper_stats)
 from .runs import KEY
-from .stats import ALPHA, WelchResult, t_interval, welch
-from .tables import markdown_document, model_order
+from .stats import ALPHA, Interval, WelchResult, welch
+from .tables import interval, markdown_document, model_order, summarize
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 
@@ -95,17 +95,25 @@ class Model:
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
-def _vals(g: pd.DataFrame, conn: str, k: int | None = None) -> pd.Series:
-    sel = g[g["connectivity"] == conn]
+def _stat(s: pd.DataFrame, conn: str, k: int | None = None, metric: str = "top1") -> Interval | None:
+    """The seed statistics of one configuration of the model's summary rows ``s`` (:func:`.tables.summarize`),
+    None when it has no run; without ``k``, the connectivity's first row (Fixed-Full and Fixed-Prev
+    have one K)."""
+    sel = s[s["connectivity"] == conn]
     if k is not None:
         sel = sel[sel["fan_in"] == k]
-    return sel["top1"].dropna()
+    return interval(sel.iloc[0], metric) if len(sel) else None
 
 
-def _iv(vals) -> str:
-    if len(vals) == 0:
+def _by_k(s: pd.DataFrame, conn: str, metric: str = "top1") -> dict[int, Interval]:
+    """K -> seed statistics of every configuration of ``conn`` with runs."""
+    out = {int(row["fan_in"]): interval(row, metric) for _, row in s[s["connectivity"] == conn].iterrows()}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _iv(iv: Interval | None) -> str:
+    if iv is None:
         return "no runs"
-    iv = t_interval(vals)
     if iv.half_width is None:
         return f"{iv.mean:.2f} (n=1)"
     return f"{iv.mean:.2f} ± {iv.half_width:.2f} (n={iv.n})"
@@ -160,21 +168,21 @@ def _paper_k(dataset: str, model: str, m: Model) -> tuple[int | None, str]:
 
 # ---- the claims -------------------------------------------------------------------------------------
 
-def claim1(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
+def claim1(s: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
     """Claims 1 and 6: Learned (at the paper's K, else the best mean) beats the model's own wiring."""
     m = _as_model(C)
-    learned = g[g["connectivity"] == "learned"]
-    if learned.empty and _vals(g, m.baseline).empty:
+    learned = _by_k(s, "learned")
+    if not learned and _stat(s, m.baseline) is None:
         return None
     k_paper, how_paper = _paper_k(dataset, model, m)
-    if k_paper is not None and (learned["fan_in"] == k_paper).any():
+    if k_paper is not None and k_paper in learned:
         k, how = k_paper, how_paper
-    elif len(learned):
-        k = int(learned.groupby("fan_in")["top1"].mean().idxmax())
+    elif learned:
+        k = max(learned, key=lambda k: learned[k].mean)
         how = f"K={k}, the best Learned mean (chosen after seeing the test accuracy, which favours it)"
     else:
         k, how = k_paper or 1, "no Learned runs"
-    a, b = _vals(g, "learned", k), _vals(g, m.baseline)
+    a, b = learned.get(k), _stat(s, m.baseline)
     w = welch(a, b)
     verdict, why = _directional(w)
     pa, pb = _pc(dataset, model, "learned", k), _pc(dataset, model, m.baseline, m.base_k)
@@ -184,19 +192,18 @@ def claim1(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Findi
                    _test(w), paper, verdict, why)
 
 
-def claim2(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[Finding]:
+def claim2(s: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[Finding]:
     """Claim 2 (ResNeXt): each Fixed-Random K below both Fixed-Full and Learned at that K. Claim 7 (ResNet):
     each Fixed-Random K below Fixed-Prev."""
     m = _as_model(C)
     number = 2 if m.family == "resnext" else 7
     names = {"full": "Fixed-Full", "prev": "Fixed-Prev"}
     out = []
-    for k in sorted(g.loc[g["connectivity"] == "random", "fan_in"].unique()):
-        r = _vals(g, "random", k)
-        wanted = {names[m.baseline]: _vals(g, m.baseline)}
+    for k, r in sorted(_by_k(s, "random").items()):
+        wanted = {names[m.baseline]: _stat(s, m.baseline)}
         if m.family == "resnext":
-            wanted[f"Learned K={k}"] = _vals(g, "learned", k)
-        others = {n: v for n, v in wanted.items() if len(v)}
+            wanted[f"Learned K={k}"] = _stat(s, "learned", k)
+        others = {n: v for n, v in wanted.items() if v is not None}
         if not others:
             out.append(Finding(number, model, f"Fixed-Random K={k} {_iv(r)}", "nothing to compare with", "—",
                                INCONCLUSIVE, f"no {' or '.join(wanted)} runs of this model"))
@@ -228,18 +235,17 @@ def claim2(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[
     return out
 
 
-def claim3(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
+def claim3(s: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
     """Claims 3 and 8: the best Learned K lies strictly between the ends K=1 and the largest K (for a
     ResNeXt K = C is Fixed-Full; for a ResNet the largest is every earlier block, Learned K = L-1), each
     end significantly worse than it."""
     m = _as_model(C)
-    learned = g[g["connectivity"] == "learned"]
-    if learned.empty:
+    series = _by_k(s, "learned")
+    if not series:
         return None
     top = m.kmax
-    series = {int(k): v["top1"].dropna() for k, v in learned.groupby("fan_in")}
-    if m.family == "resnext" and top not in series and len(_vals(g, "full")):
-        series[top] = _vals(g, "full")  # K=C is ResNeXt (docs/design.md section 2)
+    if m.family == "resnext" and top not in series and _stat(s, "full") is not None:
+        series[top] = _stat(s, "full")  # K=C is ResNeXt (docs/design.md section 2)
     ours = "; ".join(f"K={k}: {_iv(v)}" for k, v in sorted(series.items()))
     pk = {k: _pc(dataset, model, "learned", k) for k in range(1, top + (m.family == "resnet"))}
     if m.family == "resnext":
@@ -247,12 +253,12 @@ def claim3(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Findi
     pk = {k: v for k, v in pk.items() if v is not None}
     best_paper = max(pk, key=pk.get) if len(pk) >= 2 else None
     paper = (f"best K={best_paper} of K∈{{{_ks(pk)}}}" if best_paper is not None else "—")
-    inner = {k: v for k, v in series.items() if 1 < k < top and len(v)}
+    inner = {k: v for k, v in series.items() if 1 < k < top}
     lacking = [f"K={k}" for k in (1, top) if k not in series] + ([] if inner else ["an intermediate K"])
     number = 3 if m.family == "resnext" else 8
     if lacking:
         return Finding(number, model, ours, "—", paper, INCONCLUSIVE, "no runs at " + ", ".join(lacking))
-    kbest = max(inner, key=lambda k: inner[k].mean())
+    kbest = max(inner, key=lambda k: inner[k].mean)
     tests, verdicts, whys = [], [], []
     for end in (1, top):
         w = welch(inner[kbest], series[end])
@@ -277,19 +283,19 @@ def _ks(ks) -> str:
     return ",".join(map(str, ks))
 
 
-def claim4(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
-    k1 = g[(g["connectivity"] == "learned") & (g["fan_in"] == 1)]
-    full = g[g["connectivity"] == "full"]
+def claim4(s: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> Finding | None:
+    k1, full = _stat(s, "learned", 1), _stat(s, "full")
     C = _as_model(C).base_k
-    if k1.empty and full.empty:
+    if k1 is None and full is None:
         return None
-    if k1.empty or full.empty:
-        return Finding(4, model, f"Learned K=1 {_iv(k1['top1'])}; Fixed-Full {_iv(full['top1'])}", "—", "—",
-                       INCONCLUSIVE, f"no {'Learned K=1' if k1.empty else 'Fixed-Full'} runs")
+    if k1 is None or full is None:
+        return Finding(4, model, f"Learned K=1 {_iv(k1)}; Fixed-Full {_iv(full)}", "—", "—",
+                       INCONCLUSIVE, f"no {'Learned K=1' if k1 is None else 'Fixed-Full'} runs")
     # Parameters of the K=1 model before pruning ("Params Train", = Fixed-Full's) and after ("Test").
-    before, after = k1["params_train"].mean(), k1["params_test"].mean()
-    w = welch(k1["top1"], full["top1"])
-    accs = f"Learned K=1 {_iv(k1['top1'].dropna())} vs Fixed-Full {_iv(full['top1'].dropna())}"
+    row = s[(s["connectivity"] == "learned") & (s["fan_in"] == 1)].iloc[0]
+    before, after = row["params_train_M"] * 1e6, row["params_test_M"] * 1e6
+    w = welch(k1, full)
+    accs = f"Learned K=1 {_iv(k1)} vs Fixed-Full {_iv(full)}"
     if not (before > 0 and after >= 0):
         return Finding(4, model, accs, _test(w), "—", INCONCLUSIVE, "metrics.json lacks parameter counts")
     cut = 1 - after / before
@@ -323,7 +329,7 @@ def _paper_overhead(family: str) -> float | None:
     return float(sel["value"].iloc[0]) if len(sel) else None
 
 
-def claim_overhead(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[Finding]:
+def claim_overhead(s: pd.DataFrame, dataset: str, model: str, C: "Model | int") -> list[Finding]:
     """Claims 5 and 9: learning the masks costs the paper's overhead (+39% ResNeXt, +13% ResNet) in training
     time over fixed connectivity. Per K with both Learned and Fixed-Random runs (the same network, the
     same masked computation, masks fixed): the overhead (mean Learned wall time / mean Fixed-Random - 1)
@@ -335,18 +341,16 @@ def claim_overhead(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") 
     number = 5 if m.family == "resnext" else 9
     paper = _paper_overhead(m.family)
     out = []
-    if "wall_time_s" not in g:
+    if "wall_time_s_n" not in s:
         return out
-    for k in sorted(set(g.loc[g["connectivity"] == "learned", "fan_in"]) & set(g.loc[g["connectivity"] == "random", "fan_in"])):
-        lt = g[(g["connectivity"] == "learned") & (g["fan_in"] == k)]["wall_time_s"].dropna()
-        rt = g[(g["connectivity"] == "random") & (g["fan_in"] == k)]["wall_time_s"].dropna()
-        if lt.empty or rt.empty:
-            continue
-        base = rt.mean()
-        over = lt.mean() / base - 1
+    learned, random = _by_k(s, "learned", "wall_time_s"), _by_k(s, "random", "wall_time_s")
+    for k in sorted(set(learned) & set(random)):
+        lt, rt = learned[k], random[k]
+        base = rt.mean
+        over = lt.mean / base - 1
         w = welch(lt, rt)
-        ours = (f"Learned K={k} {lt.mean():.1f} s vs Fixed-Random K={k} {base:.1f} s per run "
-                f"(n={len(lt)}, {len(rt)}): {over:+.0%}")
+        ours = (f"Learned K={k} {lt.mean:.1f} s vs Fixed-Random K={k} {base:.1f} s per run "
+                f"(n={lt.n}, {rt.n}): {over:+.0%}")
         paper_text = "—" if paper is None else f"{paper:+.0%}"
         if not w.ok or paper is None:
             test = "no test: " + (w.reason or "the paper gives no overhead")
@@ -364,16 +368,19 @@ def claim_overhead(g: pd.DataFrame, dataset: str, model: str, C: "Model | int") 
     return out
 
 
-def evaluate(runs: pd.DataFrame, dataset: str) -> dict[int, list[Finding]]:
-    """Findings per claim for one dataset's runs (one grid), one per model (claims 2, 5, 7 and 9: per K).
-    Each model's family decides which claims test it (:data:`FAMILY_CLAIMS`)."""
+def evaluate(runs: pd.DataFrame, dataset: str, summary: pd.DataFrame | None = None) -> dict[int, list[Finding]]:
+    """Findings per claim for one dataset's runs (one grid), one per model (claims 2, 5, 7 and 9: per K),
+    from the runs' summary (:func:`.tables.summarize`; computed here when not given). Each model's
+    family decides which claims test it (:data:`FAMILY_CLAIMS`)."""
     out: dict[int, list[Finding]] = {c: [] for c in CLAIMS}
     d = runs[runs["dataset"] == dataset]
+    summary = summarize(d) if summary is None else summary
+    summary = summary[summary["dataset"] == dataset]
     for model in sorted(d["arch"].unique(), key=model_order):
         m = Model.of(dataset, model)
         if m is None:
             continue
-        g = d[d["arch"] == model]
+        g = summary[summary["arch"] == model]
         steps = {"resnext": ((claim1, 1), (claim3, 3), (claim4, 4)), "resnet": ((claim1, 6), (claim3, 8))}[m.family]
         for fn, c in steps:
             f = fn(g, dataset, model, m)
@@ -433,8 +440,9 @@ def _stage_width_note(d: pd.DataFrame) -> str:
             + ". Parameter counts, FLOPs and accuracies are those of this network, not of the paper's model.")
 
 
-def claims_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
-    """The claims section for one dataset: a table of findings and a verdict line per claim."""
+def claims_markdown(runs: pd.DataFrame, dataset: str, level: int = 2, summary: pd.DataFrame | None = None) -> str:
+    """The claims section for one dataset: a table of findings and a verdict line per claim (from the
+    runs' ``summary``, :func:`.tables.summarize`, computed here when not given)."""
     h = "#" * level
     demo = dataset not in paper_datasets()
     lines = [f"{h} Claims on `{dataset}`", ""]
@@ -457,7 +465,7 @@ def claims_markdown(runs: pd.DataFrame, dataset: str, level: int = 2) -> str:
             lines += [f"> Runs trained for {', '.join(map(str, epochs))} epochs; the paper's protocol is "
                       f"{CIFAR_EPOCHS}. Lower accuracies than the paper's are expected, and the verdicts are "
                       "about these shorter runs.", ""]
-    findings = evaluate(runs, dataset)
+    findings = evaluate(runs, dataset, summary)
     for c in [c for fam in families(runs, dataset) for c in FAMILY_CLAIMS[fam]]:
         lines += [f"{h}# Claim {c}: {CLAIMS[c]}", ""]
         fs = findings[c]
@@ -516,7 +524,7 @@ def report_document(*, source: str, n_runs: int, grids: dict, skipped: list, mis
         if runs.empty:
             lines += ["No complete run yet.", ""]
         for ds in dict.fromkeys(runs["dataset"]):
-            lines.append(claims_markdown(runs, ds, level=base))
+            lines.append(claims_markdown(runs, ds, level=base, summary=part.get("summary")))
             lines.append(dynamics_markdown(runs, ds, level=base))
         if part["tables"]:
             lines += ["#" * base + " Tables", ""]

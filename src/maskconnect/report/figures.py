@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..specs import make_spec
 from .dynamics import uniform_entropy
 from .paper import CONNECTIVITY_NAMES, model_label, paper_stats
-from .stats import t_interval
+from .tables import interval, summarize
 
 LIVE, DEAD = "#1f5fa8", "#c8c8c8"
 PALETTE = {"full": "#4d4d4d", "prev": "#4d4d4d", "random": "#d95f02", "learned": "#1b9e77"}
@@ -45,24 +45,27 @@ def save_figure(fig: Figure, out_base) -> list[Path]:
     return paths
 
 
-def _stats_by_k(g: pd.DataFrame, metric: str) -> pd.DataFrame:
+def _stats_by_k(s: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """K, mean, interval half-width and n of summary rows ``s`` (one connectivity of one model)."""
     rows = []
-    for k, gk in g.groupby("fan_in"):
-        vals = gk[metric].dropna()
-        if len(vals):
-            iv = t_interval(vals)
-            rows.append({"K": int(k), "mean": iv.mean, "half": iv.half_width or 0.0, "n": iv.n})
+    for _, row in s.sort_values("fan_in").iterrows():
+        iv = interval(row, metric)
+        if iv is not None:
+            rows.append({"K": int(row["fan_in"]), "mean": iv.mean, "half": iv.half_width or 0.0, "n": iv.n})
     return pd.DataFrame(rows, columns=["K", "mean", "half", "n"])
 
 
 # ---- (a) effect of fan-in K -------------------------------------------------------------------------
 
-def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: str = "top1") -> list[Path]:
+def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: str = "top1",
+               summary: pd.DataFrame | None = None) -> list[Path]:
     """Accuracy vs fan-in K for Learned (and Fixed-Random) runs of one model: mean with 95% t-interval
     error bars (none for n=1), every seed as a dot, the model's own wiring (Fixed-Full at K = C for a
     ResNeXt, Fixed-Prev for a ResNet) as a horizontal line with its band, and the paper's values (its
     tables, Fig. 3 or Fig. 2) as crosses and a dotted line."""
     g = runs[(runs["dataset"] == dataset) & (runs["arch"] == model)]
+    s = summarize(g) if summary is None else summary
+    s = s[(s["dataset"] == dataset) & (s["arch"] == model)]
     try:
         spec = make_spec(model, dataset=dataset)
         base, base_k, kmax = spec.connectivity, spec.fan_in, spec.max_fan_in
@@ -77,16 +80,16 @@ def plot_fanin(runs: pd.DataFrame, dataset: str, model: str, out_base, metric: s
             gc = g[g["connectivity"] == conn]
             if gc.empty:
                 continue
-            st = _stats_by_k(gc, metric)
+            st = _stats_by_k(s[s["connectivity"] == conn], metric)
             ax.errorbar(st["K"], st["mean"], yerr=st["half"], fmt="o-", color=PALETTE[conn], capsize=3,
                         label=f"{CONNECTIVITY_NAMES[conn]} (ours, mean ± 95% CI)")
             jitter = (np.arange(len(gc)) % 5 - 2) * 0.04
             sns.scatterplot(x=gc["fan_in"].to_numpy() + jitter, y=gc[metric].to_numpy(), ax=ax,
                             color=PALETTE[conn], alpha=0.35, s=14, legend=False)
-        fixed = g[g["connectivity"] == base][metric].dropna()
+        fixed = s[s["connectivity"] == base]
+        iv = interval(fixed.iloc[0], metric) if len(fixed) else None
         name = f"{CONNECTIVITY_NAMES[base]} K={base_k}"
-        if len(fixed):
-            iv = t_interval(fixed)
+        if iv is not None:
             ax.axhline(iv.mean, color=PALETTE[base], lw=1.2,
                        label=f"{name} (ours{', n=1' if iv.n == 1 else ', 95% CI band'})")
             if iv.half_width:

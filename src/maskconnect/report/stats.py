@@ -8,7 +8,6 @@ never return NaN, and say in words when a quantity is undefined (one seed, no va
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -96,27 +95,27 @@ class WelchResult:
         return self.p is not None and self.p < ALPHA
 
 
-def welch(a: Iterable, b: Iterable, confidence: float = 0.95) -> WelchResult:
-    """Welch's t-test (scipy.stats.ttest_ind, equal_var=False), two-sided, on finite values.
+def welch(a: Interval | None, b: Interval | None, confidence: float = 0.95) -> WelchResult:
+    """Welch's two-sided t-test of mean(a) - mean(b) from the two samples' seed statistics (mean, sample
+    std and n: all the test depends on; scipy.stats.ttest_ind_from_stats, equal_var=False, with the
+    Welch-Satterthwaite degrees of freedom). ``a`` and ``b`` are :class:`Interval` s (the summary's
+    rows, :func:`.tables.interval`); None: a side with no run.
 
     Returns a result whose ``p`` is None (with ``reason``) when either side has fewer than two values
     or both sides have zero variance (the t statistic is then 0/0 or ±inf, not a test).
     """
-    xa, xb = _finite(a), _finite(b)
-    diff = float(xa.mean() - xb.mean()) if xa.size and xb.size else None
-    short = [f"n<2 in {name} (n={x.size})" for name, x in (("a", xa), ("b", xb)) if x.size < 2]
+    ia, ib = a, b
+    na, nb = (ia.n if ia else 0), (ib.n if ib else 0)
+    diff = ia.mean - ib.mean if ia and ib else None
+    short = [f"n<2 in {name} (n={n})" for name, n in (("a", na), ("b", nb)) if n < 2]
     if short:
         return WelchResult(diff=diff, reason="; ".join(short))
-    va, vb = _std(xa) ** 2, _std(xb) ** 2
+    va, vb = ia.std ** 2, ib.std ** 2
     if va == 0 and vb == 0:
         return WelchResult(diff=diff, reason="no variance in either sample")
-    with warnings.catch_warnings():
-        # One constant side is fine for Welch (its variance is 0); scipy still warns about precision
-        # loss in that side's moments, which do not affect t beyond rounding.
-        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
-        res = _st.ttest_ind(xa, xb, equal_var=False)
-    df = float(res.df)
-    se = math.sqrt(va / xa.size + vb / xb.size)
-    half = float(_st.t.ppf(0.5 + confidence / 2, df)) * se
-    return WelchResult(diff=diff, t=float(res.statistic), p=float(res.pvalue), df=df,
+    res = _st.ttest_ind_from_stats(ia.mean, ia.std, na, ib.mean, ib.std, nb, equal_var=False)
+    ea, eb = va / na, vb / nb
+    df = (ea + eb) ** 2 / (ea ** 2 / (na - 1) + eb ** 2 / (nb - 1))
+    half = float(_st.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(ea + eb)
+    return WelchResult(diff=diff, t=float(res.statistic), p=float(res.pvalue), df=float(df),
                        ci_low=diff - half, ci_high=diff + half)

@@ -24,7 +24,7 @@ from ..io import atomic_write_text
 from ..specs import FAMILIES, baseline_of, family_of
 from .paper import CONNECTIVITY_NAMES, model_label, normalize_model, paper_configs, paper_stats
 from .runs import KEY, Provenance, code_provenance
-from .stats import t_interval, welch
+from .stats import Interval, t_interval, welch
 
 GROUP = ["dataset", "arch", "connectivity", "fan_in"]
 CONN_ORDER = {"full": 0, "prev": 0, "random": 1, "learned": 2}
@@ -129,11 +129,26 @@ def _sort_key(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(_m=df["arch"].map(model_order), _c=df["connectivity"].map(lambda c: CONN_ORDER.get(c, 9)))
 
 
-def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
-    """One row per configuration (dataset, arch, connectivity, fan_in) with seed statistics and,
-    for Learned rows, Welch tests vs the same model's baseline wiring (Fixed-Full for a ResNeXt, Fixed-Prev
-    for a ResNet) and vs Fixed-Random of the same model and K. Undefined numbers are NaN here (empty in
-    CSV); the reasons are in the *_reason columns."""
+SUMMARY_METRICS = ("top1", "top5", "wall_time_s")
+
+
+def interval(row, metric: str = "top1") -> Interval | None:
+    """A summary row's seed statistics of ``metric`` as an :class:`~.stats.Interval` (None: no run has it)."""
+    n = row.get(f"{metric}_n")
+    if n is None or pd.isna(n) or int(n) == 0:
+        return None
+    val = lambda c: None if pd.isna(row.get(c)) else float(row.get(c))  # noqa: E731
+    return Interval(mean=float(row[f"{metric}_mean"]), half_width=val(f"{metric}_ci95"), std=val(f"{metric}_std"),
+                    n=int(n), best=float(row[f"{metric}_best"]))
+
+
+def summarize(runs: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
+    """The one summary: one row per configuration (dataset, arch, connectivity, fan_in) of the runs
+    table with its seed statistics (the only place a t-interval is computed) and, for Learned rows, Welch
+    tests vs the same model's baseline wiring (Fixed-Full for a ResNeXt, Fixed-Prev for a ResNet) and vs
+    Fixed-Random of the same model and K. The tables, figures, claims, DVC metrics and K-effect CSVs are
+    all read from it. Undefined numbers are NaN here (empty in CSV); the reasons are in the *_reason
+    columns."""
     cols = [*GROUP, "n", "seeds", "epochs"]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_ci95", f"{m}_std", f"{m}_best", f"{m}_n"]
@@ -142,15 +157,19 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
     if runs is None or len(runs) == 0:
         return pd.DataFrame(columns=cols)
     groups = {k: g for k, g in runs.groupby(GROUP, sort=False)}
+    seeds = {}  # (configuration, metric) -> its Interval, None where no run has the metric
+    for key, g in groups.items():
+        for m in metrics:
+            vals = g[m].dropna() if m in g else pd.Series(dtype=float)
+            seeds[key, m] = t_interval(vals) if len(vals) else None
     rows = []
     for (dataset, arch, conn, k), g in groups.items():
         row = {"dataset": dataset, "arch": arch, "connectivity": conn, "fan_in": int(k), "n": len(g),
                "seeds": ",".join(str(s) for s in sorted(g["seed"])),
                "epochs": ",".join(str(int(e)) for e in sorted(g["epochs"].dropna().unique()))}
         for m in metrics:
-            vals = g[m].dropna() if m in g else pd.Series(dtype=float)
-            if len(vals):
-                iv = t_interval(vals)
+            iv = seeds[(dataset, arch, conn, k), m]
+            if iv is not None:
                 row.update({f"{m}_mean": iv.mean, f"{m}_ci95": iv.half_width, f"{m}_std": iv.std,
                             f"{m}_best": iv.best, f"{m}_n": iv.n})
             else:
@@ -167,7 +186,7 @@ def summarize(runs: pd.DataFrame, metrics=("top1", "top5")) -> pd.DataFrame:
                     which = CONNECTIVITY_NAMES[ref[2] if ref else "full"] if name == "baseline" else CONNECTIVITY_NAMES[name]
                     row[f"p_vs_{name}_reason"] = f"no {which} runs"
                     continue
-                w = welch(g["top1"], other["top1"])
+                w = welch(seeds[(dataset, arch, conn, k), "top1"], seeds[ref, "top1"])
                 row.update({f"diff_vs_{name}": w.diff, f"p_vs_{name}": w.p, f"p_vs_{name}_reason": w.reason})
         rows.append(row)
     df = pd.DataFrame(rows).reindex(columns=cols)
