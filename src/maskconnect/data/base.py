@@ -129,9 +129,6 @@ class DataBundle:
     def steps_per_epoch(self) -> int:
         return len(self._train_bounds())
 
-    def test_steps(self) -> int:
-        return len(self._test_bounds())
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.info.name!r}, classes={self.info.num_classes}, "
                 f"train={self.train_size}, test={self.test_size}, batch={self.batch_size}, "

@@ -17,9 +17,11 @@ run, and compare it against references that do not share the code under test:
   (``datapath.py``);
 * **DDP** over every visible GPU (NCCL) when there is more than one: masks identical on every rank;
 * **memory** of a training step at the grid's batch against the device's memory (``cost.py``);
-* **cost**: measured step times and the projected hours of every run and of the grid.
+* **cost**: every run priced as its whole process from timings with their spread and load (``cost.py``,
+  ``timing.py``, ``startup.py``), the grid's hours, device-hours and wall time, and whether the timings
+  were disturbed.
 
-The record is ``<out>/preflight.json`` and ``<out>/preflight.md``. Exit code 0 when every check
+The record is ``<out>/preflight.json`` (``runner.py``) and ``<out>/preflight.md`` (``render.py``). Exit code 0 when every check
 passed, 1 otherwise (each failed check is named, with what to do), 2 for bad arguments.
 Model, training and measurement code only: no mlflow, snakemake or dvc import.
 """

@@ -151,7 +151,7 @@ def record(pf: Preflight, projection: dict | None, seconds: float, complete: boo
 
 
 def write(out: Path, rec: dict) -> None:
-    from .report import markdown
+    from .render import markdown
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "preflight.json", rec)

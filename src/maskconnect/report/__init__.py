@@ -16,7 +16,7 @@ With several grids under the results folder, tables and figures go to a sub-fold
 
 Modules: paper (the paper's numbers), stats (t intervals, Welch), runs (the runs table: one row per
 run directory), tables (``summarize``: the one summary, one row per configuration, and the tables),
-figures, claims (REPORT.md), build (all of it); for ``maskconnect grid collect``: aggregate (the grid's
+figures, claims (the paper's claims tested), document (REPORT.md), build (all of it); for ``maskconnect grid collect``: aggregate (the grid's
 results JSON, its configurations rows of the same summary), compact (DVC's metrics files and K-effect
 CSVs from it) and projection (the preflight's projected time against the measured one).
 """

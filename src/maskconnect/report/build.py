@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..errors import ReportWarning
 from ..io import atomic_write_text
-from . import claims, figures, tables
+from . import document, figures, tables
 from .paper import model_label
 from .runs import check_results, code_provenance, missing_runs, scan_runs
 
@@ -102,7 +102,7 @@ def build_report(results_dir, out_dir, *, grid: str | None = None, expected=None
     summary = summary[["grid", *[c for c in summary.columns if c != "grid"]]]
     put(atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False, float_format="%.6g")))
     put(atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)))
-    text = claims.report_document(source=str(results_dir) + (f" (grid {grid})" if grid else ""),
+    text = document.report_document(source=str(results_dir) + (f" (grid {grid})" if grid else ""),
                                   n_runs=len(runs), grids=sections, skipped=skipped, missing=missing,
                                   problems=problems, code=code)
     put(atomic_write_text(out_dir / "REPORT.md", text))
