@@ -219,9 +219,9 @@ def test_run_id_and_run_dir_are_the_one_spelling():
     # the run id's one parser reads back what run_id writes
     assert G.parse_run_id(run.run_id) == {"dataset": run.dataset, "arch": run.arch, "connectivity": run.connectivity,
                                           "fan_in": run.fan_in, "seed": run.seed}
-    from maskconnect.report import claims, tables  # the report spells missing runs the same way
+    from maskconnect.report import document, tables  # the report spells missing runs the same way
 
-    assert tables.run_id is G.run_id and claims.run_id is G.run_id
+    assert tables.run_id is G.run_id and document.run_id is G.run_id
     assert tables.run_id("cifar100", "29,8,8", "learned", 4, 0) == G.run_id("cifar100", "29,8,8", "learned", 4, 0)
 
 
